@@ -1,0 +1,73 @@
+"""The ``visattn`` command line: ``visattn blocks``, ``visattn bench``, ``visattn demo``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .registry import KINDS, block_info, list_blocks
+
+
+def _cmd_blocks(args: argparse.Namespace) -> int:
+    names = list_blocks(args.kind)
+    rows = [(n, block_info(n)) for n in names]
+    width = max((len(n) for n in names), default=4)
+    print(f"{'block':<{width}}  {'kind':<8} {'year':<5} paper")
+    for name, info in rows:
+        print(f"{name:<{width}}  {info.kind:<8} {info.year:<5} {info.paper}  <{info.url}>")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import benchmark_blocks, format_markdown
+
+    shape = tuple(args.shape)
+    floor, results = benchmark_blocks(args.blocks or None, shape=shape, repeats=args.repeats,
+                                      backward_repeats=args.backward_repeats)
+    command = args.command_line or " ".join(args.invocation)
+    report = format_markdown(floor, results, shape, command)
+    print(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    _cmd_blocks(argparse.Namespace(kind=None))
+    print("\nQuick speed check (small tensor; `make bench` runs the full benchmark):\n")
+    return _cmd_bench(argparse.Namespace(blocks=None, shape=[4, 64, 56, 56], repeats=3,
+                                         backward_repeats=1, out=None, command_line="visattn demo"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visattn", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("blocks", help="list every registered block with its kind and paper")
+    p.add_argument("--kind", choices=KINDS, help="only blocks of this kind")
+    p.set_defaults(fn=_cmd_blocks)
+
+    p = sub.add_parser("bench", help="time every block against timm and a plain copy")
+    p.add_argument("--blocks", nargs="*", help="block names (default: all)")
+    p.add_argument("--shape", nargs=4, type=int, default=[16, 256, 56, 56], metavar=("N", "C", "H", "W"))
+    p.add_argument("--repeats", type=int, default=7, help="forward timings per candidate (best is kept)")
+    p.add_argument("--backward-repeats", type=int, default=3)
+    p.add_argument("--out", help="also write the markdown report here")
+    p.set_defaults(fn=_cmd_bench, command_line=None)
+
+    p = sub.add_parser("demo", help="the README's main job: list the blocks and time them")
+    p.set_defaults(fn=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "visattn") -> int:
+    """Run the command line; ``prog`` is how the invocation is reported (benchmarks pass their path)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.invocation = [prog, *argv] if prog == "visattn" else [prog, *argv[1:]]
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The block registry: one table from a block's name to its class and the paper it comes from.
+
+Names are how users pick blocks on the command line and in configs (``attention: cbam``). The
+table is written out here, not filled by import side effects, so every block is registered as soon
+as ``visattn`` is imported.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from torch import nn
+
+from . import layers as L
+
+__all__ = ["BlockInfo", "KINDS", "block_info", "create_block", "list_blocks"]
+
+#: The kinds of attention, as used by ``list_blocks(kind=...)``.
+KINDS = ("channel", "spatial", "hybrid", "self", "cross")
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """What the registry knows of a block."""
+
+    name: str
+    kind: str
+    paper: str
+    year: int
+    url: str
+    cls: type[nn.Module]
+
+
+_BLOCKS: dict[str, BlockInfo] = {
+    info.name: info
+    for info in (
+        BlockInfo("se", "channel", "Squeeze-and-Excitation Networks", 2018,
+                  "https://arxiv.org/abs/1709.01507", L.SqueezeExcite),
+        BlockInfo("eca", "channel", "ECA-Net: Efficient Channel Attention for Deep Convolutional "
+                  "Neural Networks", 2020, "https://arxiv.org/abs/1910.03151", L.EfficientChannelAttention),
+        BlockInfo("sk", "channel", "Selective Kernel Networks", 2019,
+                  "https://arxiv.org/abs/1903.06586", L.SelectiveKernel),
+        BlockInfo("simam", "spatial", "SimAM: A Simple, Parameter-Free Attention Module for "
+                  "Convolutional Neural Networks", 2021,
+                  "http://proceedings.mlr.press/v139/yang21o.html", L.SimAM),
+        BlockInfo("coord", "spatial", "Coordinate Attention for Efficient Mobile Network Design", 2021,
+                  "https://arxiv.org/abs/2103.02907", L.CoordAttention),
+        BlockInfo("triplet", "spatial", "Rotate to Attend: Convolutional Triplet Attention Module", 2021,
+                  "https://arxiv.org/abs/2010.03045", L.TripletAttention),
+        BlockInfo("cbam", "hybrid", "CBAM: Convolutional Block Attention Module", 2018,
+                  "https://arxiv.org/abs/1807.06521", L.CBAM),
+        BlockInfo("bam", "hybrid", "BAM: Bottleneck Attention Module", 2018,
+                  "https://arxiv.org/abs/1807.06514", L.BottleneckAttention),
+        BlockInfo("scse", "hybrid", "Concurrent Spatial and Channel 'Squeeze & Excitation' in Fully "
+                  "Convolutional Networks", 2018, "https://arxiv.org/abs/1803.02579", L.SpatialChannelSE),
+        BlockInfo("gc", "hybrid", "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and "
+                  "Beyond", 2019, "https://arxiv.org/abs/1904.11492", L.GlobalContext),
+        BlockInfo("danet", "hybrid", "Dual Attention Network for Scene Segmentation", 2019,
+                  "https://arxiv.org/abs/1809.02983", L.DualAttention),
+    )
+}
+
+
+def list_blocks(kind: str | None = None) -> list[str]:
+    """Sorted names of the registered blocks, optionally only those of one ``kind``
+    (``"channel"``, ``"spatial"``, ``"hybrid"``, ``"self"`` or ``"cross"``)."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown block kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    return sorted(name for name, info in _BLOCKS.items() if kind is None or info.kind == kind)
+
+
+def block_info(name: str) -> BlockInfo:
+    """The :class:`BlockInfo` of a registered block; ``ValueError`` naming the valid blocks if unknown."""
+    try:
+        return _BLOCKS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown block {name!r}; registered blocks: {', '.join(list_blocks())}"
+        ) from None
+
+
+def create_block(name: str, channels: int, **kwargs) -> nn.Module:
+    """Build the block ``name`` for ``channels`` input channels.
+
+    Every block maps ``(N, C, H, W)`` to ``(N, C, H, W)`` with the input's dtype and device.
+    Keyword arguments go to the block's constructor; one it does not take is a ``TypeError``
+    that lists the ones it does.
+
+    Example:
+        >>> block = create_block("cbam", 256, rd_ratio=1 / 8)
+        >>> block(torch.randn(2, 256, 32, 32)).shape
+        torch.Size([2, 256, 32, 32])
+    """
+    info = block_info(name)
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"{name}: channels must be a positive int, got {channels!r}")
+    params = inspect.signature(info.cls).parameters
+    unknown = sorted(set(kwargs) - set(params) - {"channels"})
+    if unknown:
+        valid = [p for p in params if p != "channels"]
+        raise TypeError(
+            f"{name} ({info.cls.__name__}) got unexpected keyword argument(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(valid)}"
+        )
+    return info.cls(channels, **kwargs)
