@@ -75,7 +75,7 @@ def test_channels_last_same_result(name, train):
     x = torch.randn(3, C, 7, 9)
     ref = block(x)
     y = block(x.to(memory_format=torch.channels_last))
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -143,8 +143,8 @@ def test_chunked_inference_equals_plain(name, monkeypatch):
         assert block._use_chunks(x)
         y = block(x)
         y_cl = block(x.to(memory_format=torch.channels_last))
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(y_cl, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y_cl, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ALL)

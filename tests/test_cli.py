@@ -53,3 +53,12 @@ def test_bench_numbers_are_positive():
     assert floor["fwd_ms"] > 0 and row.fwd_ms > 0 and row.fwd_bwd_ms > 0 and row.timm_fwd_ms > 0
     assert row.params == row.timm_params
     assert "| se | channel |" in format_markdown(floor, rows, (2, 16, 8, 8), "cmd")
+
+
+def test_peak_memory_measures_an_allocation():
+    import torch
+
+    from visattn.bench import peak_memory_mb
+
+    mb = peak_memory_mb(lambda: torch.ones(50 * 2**20 // 4))  # 50 MiB, alive until measured
+    assert 45 < mb < 80

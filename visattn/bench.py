@@ -156,3 +156,29 @@ def format_markdown(floor: dict[str, float], results: list[BlockTiming], shape, 
             f"{'PASS' if cbam.fwd_bwd_ms <= cbam.timm_fwd_bwd_ms else 'FAIL'}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float:
+    """Peak resident memory ``fn()`` adds above the current level, in MiB (Linux only).
+
+    Freed heap is returned to the OS first (``malloc_trim``) and the kernel's high-water mark is
+    reset (``/proc/self/clear_refs``), so the reading is this call's own peak, not an earlier one.
+    """
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    result = fn()
+    peak = _status_kib("VmHWM")
+    del result
+    return (peak - base) / 1024

@@ -57,6 +57,25 @@ _BLOCKS: dict[str, BlockInfo] = {
                   "Beyond", 2019, "https://arxiv.org/abs/1904.11492", L.GlobalContext),
         BlockInfo("danet", "hybrid", "Dual Attention Network for Scene Segmentation", 2019,
                   "https://arxiv.org/abs/1809.02983", L.DualAttention),
+        BlockInfo("mhsa", "self", "Attention Is All You Need (multi-head self-attention, 2-D sin-cos "
+                  "positions)", 2017, "https://arxiv.org/abs/1706.03762", L.MultiHeadSelfAttention),
+        BlockInfo("nonlocal", "self", "Non-local Neural Networks", 2018,
+                  "https://arxiv.org/abs/1711.07971", L.NonLocal),
+        BlockInfo("window", "self", "Swin Transformer: Hierarchical Vision Transformer using Shifted "
+                  "Windows", 2021, "https://arxiv.org/abs/2103.14030", L.WindowAttention),
+        BlockInfo("axial", "self", "Axial Attention in Multidimensional Transformers", 2019,
+                  "https://arxiv.org/abs/1912.12180", L.AxialAttention),
+        BlockInfo("criss_cross", "self", "CCNet: Criss-Cross Attention for Semantic Segmentation", 2019,
+                  "https://arxiv.org/abs/1811.11721", L.CrissCrossAttention),
+        BlockInfo("linear", "self", "Efficient Attention: Attention with Linear Complexities", 2021,
+                  "https://arxiv.org/abs/1812.01243", L.LinearAttention),
+        BlockInfo("external", "self", "Beyond Self-attention: External Attention using Two Linear "
+                  "Layers for Visual Tasks", 2022, "https://arxiv.org/abs/2105.02358", L.ExternalAttention),
+        BlockInfo("sra", "self", "Pyramid Vision Transformer: A Versatile Backbone for Dense "
+                  "Prediction without Convolutions", 2021, "https://arxiv.org/abs/2102.12122",
+                  L.SpatialReductionAttention),
+        BlockInfo("cross", "cross", "Attention Is All You Need (encoder-decoder cross-attention)", 2017,
+                  "https://arxiv.org/abs/1706.03762", L.CrossAttention),
     )
 }
 
