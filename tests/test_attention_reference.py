@@ -259,3 +259,19 @@ def test_registered_kinds():
     assert visattn.list_blocks("self") == sorted(
         ["mhsa", "nonlocal", "window", "axial", "criss_cross", "linear", "external", "sra"])
     assert visattn.list_blocks("cross") == ["cross"]
+
+
+@pytest.mark.parametrize("name", ["mhsa", "nonlocal", "danet", "sra", "window", "cross"])
+def test_softmax_attention_never_materialises_the_matrix(name):
+    """64x64 = 4096 positions: one fp32 HW x HW matrix is 64 MiB. The fused SDPA path must stay far
+    below (a transposed q/k/v or unequal head widths silently fall back to the math path)."""
+    from visattn.bench import peak_memory_mb
+
+    block = visattn.create_block(name, 32).eval()
+    x = torch.randn(1, 32, 64, 64)
+
+    def run():
+        with torch.no_grad():
+            return block(x)
+
+    assert peak_memory_mb(run) < 24

@@ -59,6 +59,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | 
     ``reference=True`` computes it with the full matrix in plain operations (tests only)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if not reference:
+        # the fused (flash) CPU kernel needs unit stride in the last dim; otherwise SDPA silently
+        # falls back to the math path, which materialises the L x S matrix
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     s = (q @ k.transpose(-2, -1)) * scale
     if mask is not None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._attention import attend
 from ._base import AttentionBlock
 
 __all__ = ["DualAttention"]
@@ -51,7 +52,9 @@ class DualAttention(AttentionBlock):
         q = self.query(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, HW, C/r)
         k = self.key(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, HW, C/r)
         v = self.value(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, HW, C)
-        y = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (N, 1, HW, C)
+        if q.shape[-1] != c:  # zero-padding q and k leaves every score unchanged, and equal widths
+            q, k = (F.pad(t, (0, c - t.shape[-1])) for t in (q, k))  # let SDPA use its fused kernel
+        y = attend(q, k, v, scale=1.0)  # (N, 1, HW, C)
         return y.squeeze(1).transpose(1, 2).reshape(n, c, h, w)
 
     def channel_attention(self, x: torch.Tensor) -> torch.Tensor:
