@@ -61,8 +61,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | 
     if not reference:
         # the fused (flash) CPU kernel needs unit stride in the last dim; otherwise SDPA silently
         # falls back to the math path, which materialises the L x S matrix
+        # and equal q/k and v widths: zero-pad the narrower side (scores and outputs unchanged)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        dk, dv = q.shape[-1], v.shape[-1]
+        if dk < dv:
+            q, k = F.pad(q, (0, dv - dk)), F.pad(k, (0, dv - dk))
+        elif dv < dk:
+            v = F.pad(v, (0, dk - dv))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :dv]
     s = (q @ k.transpose(-2, -1)) * scale
     if mask is not None:
         s = s + mask

@@ -7,7 +7,6 @@ https://arxiv.org/abs/1809.02983
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._attention import attend
@@ -52,8 +51,6 @@ class DualAttention(AttentionBlock):
         q = self.query(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, HW, C/r)
         k = self.key(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, HW, C/r)
         v = self.value(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, HW, C)
-        if q.shape[-1] != c:  # zero-padding q and k leaves every score unchanged, and equal widths
-            q, k = (F.pad(t, (0, c - t.shape[-1])) for t in (q, k))  # let SDPA use its fused kernel
         y = attend(q, k, v, scale=1.0)  # (N, 1, HW, C)
         return y.squeeze(1).transpose(1, 2).reshape(n, c, h, w)
 
