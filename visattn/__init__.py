@@ -5,8 +5,9 @@
     ['eca', 'se', 'sk']
     >>> block = visattn.create_block("cbam", 256)
 """
+from .plug import plug
 from .registry import KINDS, BlockInfo, block_info, create_block, list_blocks
 
 __version__ = "0.1.0"
 
-__all__ = ["KINDS", "BlockInfo", "__version__", "block_info", "create_block", "list_blocks"]
+__all__ = ["KINDS", "BlockInfo", "__version__", "block_info", "create_block", "list_blocks", "plug"]

@@ -1,0 +1,169 @@
+"""plug(): structure recognition, identity at insertion for every block, positions, errors."""
+from functools import partial
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import visattn
+from visattn.plug import Blend, find_residual_blocks
+
+
+def _timm(name="resnet10t"):
+    return timm.create_model(name, pretrained=False, num_classes=10).eval()
+
+
+def _tv(name="resnet18"):
+    return torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+
+
+def _randomize_bn(model):
+    # non-trivial statistics, so an identity that only holds for fresh BN would show
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.uniform_(-0.2, 0.2, generator=g)
+            m.running_mean.uniform_(-0.2, 0.2, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+    return model
+
+
+def _max_change(model, block, x, **kw):
+    with torch.no_grad():
+        before = model(x)
+        names = visattn.plug(model, block, **kw)
+        after = model(x)
+    return names, (after - before).abs().max().item()
+
+
+@pytest.mark.parametrize("block", visattn.list_blocks())
+@pytest.mark.parametrize("make", [_timm, _tv], ids=["timm-resnet10t", "tv-resnet18"])
+def test_identity_at_insertion_every_block(block, make):
+    model = _randomize_bn(make())
+    x = torch.randn(2, 3, 48, 40)
+    names, change = _max_change(model, block, x)
+    assert len(names) == (8 if make is _tv else 4)  # resnet18: 2 blocks per stage, resnet10t: 1
+    assert change < 1e-4
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("resnet26d", 8), ("resnext26ts", 8), ("seresnet18", 8), ("resnetv2_50", 16), ("regnety_002", 13),
+    ("res2net50_14w_8s", 16), ("skresnet18", 8), ("ecaresnet26t", 8), ("dla34", 12),
+    ("efficientnet_b0", 9), ("cspresnet50", 13),
+])
+def test_recognises_residual_structure_beyond_resnet(name, expected):
+    model = _randomize_bn(_timm(name))
+    names, change = _max_change(model, "cbam", torch.randn(1, 3, 64, 64))
+    assert len(names) == expected
+    assert change < 1e-4
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d", "wide_resnet50_2"])
+def test_torchvision_bottlenecks(name):
+    model = _randomize_bn(_tv(name))
+    names, change = _max_change(model, "eca", torch.randn(1, 3, 64, 64))
+    assert names[0] == "layer1.0.bn3.attn" and len(names) == 16
+    assert change < 1e-4
+
+
+def test_after_block_sits_before_the_add():
+    model = _tv()
+    visattn.plug(model, "se", stages=[2])
+    block = model.layer2[0]
+    seen = []
+    block.bn2.attn.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    block.downsample.register_forward_hook(lambda m, i, o: seen.append(("shortcut", o.shape)))
+    model(torch.randn(1, 3, 64, 64))
+    assert seen[0] == torch.Size([1, 128, 8, 8])  # the branch, before the add and the final ReLU
+
+
+def test_stages_and_after_stage():
+    model = _randomize_bn(_timm())
+    x = torch.randn(1, 3, 64, 64)
+    names, change = _max_change(model, "cbam", x, stages=[2, 4], position="after_stage")
+    assert names == ["layer2.attn", "layer4.attn"] and change < 1e-4
+    assert model.layer2.attn.block.channels == 128 and model.layer4.attn.block.channels == 512
+    model = _tv()
+    names = visattn.plug(model, "eca", stages=3)
+    assert names == ["layer3.0.bn2.attn", "layer3.1.bn2.attn"]
+
+
+def test_block_kwargs_and_callable_factory():
+    model = _tv()
+    names = visattn.plug(model, "se", stages=[1], rd_ratio=0.5)
+    assert model.get_submodule(names[0]).block.fc1.out_channels == 32
+    model = _tv()
+    names = visattn.plug(model, partial(visattn.create_block, "eca"), stages=[4])
+    assert isinstance(model.get_submodule(names[0]), Blend)
+
+
+def test_gradients_reach_inserted_blocks():
+    model = _tv().train()
+    names = visattn.plug(model, "cbam", stages=[4])
+    x = torch.randn(2, 3, 64, 64)
+    model(x).square().mean().backward()
+    blend = model.get_submodule(names[0])
+    assert blend.gate.grad is not None and blend.gate.grad.abs() > 0
+    # once the gate leaves zero (after the first optimiser step), the block's own weights learn
+    with torch.no_grad():
+        for n in names:
+            model.get_submodule(n).gate.fill_(0.1)
+    model.zero_grad()
+    model(x).square().mean().backward()
+    grads = [p.grad for p in blend.block.parameters()]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_state_dict_from_before_plug_loads():
+    src = _randomize_bn(_tv())
+    model = _tv()
+    visattn.plug(model, "se")
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    assert not unexpected and all(".attn." in k for k in missing)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), src(x), atol=1e-5)
+
+
+def test_plug_into_a_whole_detector_and_features_only_model():
+    det = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    names = visattn.plug(det, "eca", stages=[1])
+    assert names[0].startswith("backbone.body.layer1.0.")
+    feats = timm.create_model("resnet10t", features_only=True, pretrained=False)
+    assert len(visattn.plug(feats, "se")) == 4
+
+
+def test_timm_attn_layer_one_liner():
+    # timm 1.0 calls attn_layer(channels, device=..., dtype=...)
+    model = timm.create_model("resnet18", pretrained=False,
+                              block_args=dict(attn_layer=partial(visattn.create_block, "cbam")))
+    assert type(model.layer1[0].se).__name__ == "CBAM"
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
+@pytest.mark.parametrize("model", [torchvision.models.vgg11(), timm.create_model("densenet121"), nn.Linear(3, 3)],
+                         ids=["vgg", "densenet", "linear"])
+def test_no_residual_blocks_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="found no residual block.*adds a branch of convolutions"):
+        visattn.plug(model, "se")
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="stages \\[5\\] out of range.*4 stages"):
+        visattn.plug(_tv(), "se", stages=[5])
+    with pytest.raises(ValueError, match="position must be"):
+        visattn.plug(_tv(), "se", position="before")
+    with pytest.raises(ValueError, match="unknown block"):
+        visattn.plug(_tv(), "nope")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        visattn.plug(_tv(), "se", bogus=1)
+
+
+def test_find_residual_blocks_reports_channels():
+    found = find_residual_blocks(_tv("resnet50"))
+    per_stage = {stage: ch for _, _, stage, ch in found}
+    assert per_stage == {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+    assert len(found) == 16
