@@ -1,0 +1,276 @@
+"""COCO-format detection data: a validated loader, a Dataset and a LightningDataModule.
+
+Batches follow torchvision's detection convention: ``(list[Tensor(3, H, W) float 0..1],
+list[dict])`` where each target has ``boxes`` (xyxy, float32, in the transformed image's pixels),
+``labels`` (int64, contiguous ``1..K``), ``image_id``, ``orig_size`` and ``size`` (``(H, W)``
+before and after the transform, to map predictions back) and, when asked for, ``masks``
+(``(n, H, W)`` uint8).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torch.utils.data import DataLoader, Dataset
+
+from .transforms import build_transform
+
+__all__ = ["CocoDataModule", "CocoDetectionDataset", "CategoryMap", "collate", "load_coco"]
+
+
+def _fail(source: str, what: str) -> None:
+    raise ValueError(f"{source}: malformed COCO annotations: {what}")
+
+
+def load_coco(path: str | os.PathLike) -> dict:
+    """Load and check a COCO instances file; errors name the file and the offending entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    src = str(path)
+    if not isinstance(data, dict):
+        _fail(src, f"top level must be an object with 'images', 'annotations', 'categories', got {type(data).__name__}")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            _fail(src, f"missing list '{key}'")
+    data.setdefault("annotations", [])
+    if not isinstance(data["annotations"], list):
+        _fail(src, "'annotations' must be a list")
+    image_ids, cat_ids = set(), set()
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or not isinstance(img.get("id"), int) or not isinstance(img.get("file_name"), str):
+            _fail(src, f"images[{i}] needs an int 'id' and a str 'file_name', got {img!r:.120}")
+        if img["id"] in image_ids:
+            _fail(src, f"images[{i}] repeats image id {img['id']}")
+        image_ids.add(img["id"])
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
+            _fail(src, f"categories[{i}] needs an int 'id', got {cat!r:.120}")
+        if cat["id"] in cat_ids:
+            _fail(src, f"categories[{i}] repeats category id {cat['id']}")
+        cat_ids.add(cat["id"])
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            _fail(src, f"annotations[{i}] is not an object")
+        for key in ("image_id", "category_id", "bbox"):
+            if key not in ann:
+                _fail(src, f"annotations[{i}] has no '{key}'")
+        if ann["image_id"] not in image_ids:
+            _fail(src, f"annotations[{i}] refers to image id {ann['image_id']!r}, which is not in 'images'")
+        if ann["category_id"] not in cat_ids:
+            _fail(src, f"annotations[{i}] refers to category id {ann['category_id']!r}, which is not in 'categories'")
+        box = ann["bbox"]
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, int | float) and math.isfinite(v) for v in box) or box[2] < 0 or box[3] < 0):
+            _fail(src, f"annotations[{i}] bbox must be [x, y, w, h] with finite numbers and w, h >= 0, got {box!r}")
+    return data
+
+
+class CategoryMap:
+    """Dataset category ids (sparse, any order) <-> contiguous labels ``1..K`` (0 is background).
+
+    Labels follow the ascending order of category ids.
+    """
+
+    def __init__(self, categories: Sequence[dict]) -> None:
+        cats = sorted(categories, key=lambda c: c["id"])
+        self.category_ids: list[int] = [c["id"] for c in cats]
+        self.names: list[str] = [str(c.get("name", c["id"])) for c in cats]
+        self.to_label = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+        self.to_category = {i + 1: cid for i, cid in enumerate(self.category_ids)}
+
+    def __len__(self) -> int:
+        return len(self.category_ids)
+
+    def __repr__(self) -> str:
+        return f"CategoryMap({len(self)} categories: {dict(zip(self.category_ids, self.names))!r:.200})"
+
+
+def _decode_mask(segm, h: int, w: int) -> np.ndarray:
+    if isinstance(segm, list):  # polygons
+        rles = mask_utils.frPyObjects(segm, h, w)
+        rle = mask_utils.merge(rles)
+    elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segm, h, w)
+    else:
+        rle = segm
+    return mask_utils.decode(rle).astype(np.uint8)
+
+
+class CocoDetectionDataset(Dataset):
+    """One split of a COCO-format dataset, with targets ready for torchvision detectors.
+
+    Crowd annotations are left out of the targets (the evaluation handles them from the JSON);
+    images without annotations are kept (empty targets). Boxes are converted to xyxy, clipped to
+    the image, and dropped when they have no area. A missing image file is an error that names it.
+    """
+
+    def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike | dict, *,
+                 transform=None, masks: bool = False, categories: CategoryMap | None = None) -> None:
+        self.root = Path(images)
+        self.annotation_file = None if isinstance(annotations, dict) else Path(annotations)
+        data = annotations if isinstance(annotations, dict) else load_coco(annotations)
+        self.categories = categories or CategoryMap(data["categories"])
+        unknown = sorted({c["id"] for c in data["categories"]} - set(self.categories.category_ids))
+        if unknown:
+            raise ValueError(f"{annotations}: category ids {unknown} are not in the training categories "
+                             f"{self.categories.category_ids}")
+        self.images = sorted(data["images"], key=lambda im: im["id"])
+        missing = [im["file_name"] for im in self.images if not (self.root / im["file_name"]).is_file()]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise FileNotFoundError(f"image file(s) listed in {annotations} not found under {self.root}: "
+                                    f"{', '.join(missing[:5])}{more}")
+        self.anns: dict[int, list[dict]] = {im["id"]: [] for im in self.images}
+        for ann in data["annotations"]:
+            if not ann.get("iscrowd", 0):
+                self.anns[ann["image_id"]].append(ann)
+        self.transform = transform
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load_image(self, index: int) -> np.ndarray:
+        path = self.root / self.images[index]["file_name"]
+        try:
+            with Image.open(path) as im:
+                return np.array(im.convert("RGB"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image file not found: {path}") from None
+        except OSError as e:
+            raise OSError(f"cannot read image {path}: {e}") from None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        info = self.images[index]
+        image = self.load_image(index)
+        h, w = image.shape[:2]
+        boxes, labels, masks = [], [], []
+        for ann in self.anns[info["id"]]:
+            x, y, bw, bh = ann["bbox"]
+            x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + bw, w), min(y + bh, h)
+            if x1 <= x0 or y1 <= y0:
+                continue  # degenerate, or entirely outside the image
+            boxes.append([x0, y0, x1, y1])
+            labels.append(self.categories.to_label[ann["category_id"]])
+            if self.masks:
+                if "segmentation" not in ann:
+                    raise ValueError(f"annotation {ann.get('id')} of {info['file_name']} has no 'segmentation' "
+                                     "but masks were asked for")
+                masks.append(_decode_mask(ann["segmentation"], h, w))
+        if self.transform is not None:
+            kw = {"masks": masks} if self.masks else {}
+            out = self.transform(image=image, bboxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                                 labels=labels, index=list(range(len(boxes))), **kw)
+            image, keep = out["image"], [int(i) for i in out["index"]]
+            boxes, labels = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4), list(out["labels"])
+            if self.masks:
+                masks = [out["masks"][i] for i in keep]
+        boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
+        ok = (boxes_t[:, 2] > boxes_t[:, 0]) & (boxes_t[:, 3] > boxes_t[:, 1])
+        target = {
+            "boxes": boxes_t[ok],
+            "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1)[ok],
+            "image_id": int(info["id"]),
+            "orig_size": (h, w),
+            "size": tuple(image.shape[:2]),
+        }
+        if self.masks:
+            stacked = (np.stack([np.asarray(m) for m in masks]) if masks
+                       else np.zeros((0, *image.shape[:2]), dtype=np.uint8))
+            target["masks"] = torch.as_tensor(stacked, dtype=torch.uint8)[ok]
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        return tensor, target
+
+
+def collate(batch):
+    """``[(image, target), ...] -> (list[image], list[target])`` (torchvision detection style)."""
+    images, targets = zip(*batch, strict=True) if batch else ((), ())
+    return list(images), list(targets)
+
+
+class CocoDataModule(L.LightningDataModule):
+    """A LightningDataModule over any COCO-format dataset.
+
+    Args:
+        train_images / train_annotations: image folder and instances JSON of the training split.
+        val_images / val_annotations: the same for validation (and ``test``); default: the training
+            split (useful for a smoke run, not for honest numbers).
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes.
+        image_size: resize so the longest side is this many pixels (None keeps the size).
+        augment: training preset (``"none"``, ``"flip"``, ``"small_objects"``) or an albumentations
+            transform; validation only resizes.
+        masks: also return instance masks (for Mask R-CNN).
+
+    The mapping from category ids to labels is ``self.categories`` (a :class:`CategoryMap`), taken
+    from the training file; ``val_annotations`` is the ground truth for evaluation.
+
+    Example:
+        >>> dm = CocoDataModule("coco128/images", "coco128/annotations/instances.json",
+        ...                     batch_size=4, image_size=320, augment="small_objects")
+    """
+
+    def __init__(self, train_images: str, train_annotations: str, val_images: str | None = None,
+                 val_annotations: str | None = None, *, batch_size: int = 4, num_workers: int = 0,
+                 image_size: int | None = None, augment: str | None = "flip", masks: bool = False,
+                 val_batch_size: int | None = None) -> None:
+        super().__init__()
+        self.train_images, self.train_annotations = train_images, train_annotations
+        self.val_images = val_images or train_images
+        self.val_annotations = val_annotations or train_annotations
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.val_batch_size = val_batch_size or batch_size
+        self.image_size, self.augment, self.masks = image_size, augment, masks
+        build_transform(augment, image_size)  # fail early on a bad preset
+        self._categories: CategoryMap | None = None
+        self.train_set: CocoDetectionDataset | None = None
+        self.val_set: CocoDetectionDataset | None = None
+
+    @property
+    def categories(self) -> CategoryMap:
+        if self._categories is None:
+            self._categories = CategoryMap(load_coco(self.train_annotations)["categories"])
+        return self._categories
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = CocoDetectionDataset(
+                self.train_images, self.train_annotations, masks=self.masks, categories=self.categories,
+                transform=build_transform(self.augment, self.image_size))
+        if stage in (None, "fit", "validate", "test", "predict") and self.val_set is None:
+            self.val_set = CocoDetectionDataset(
+                self.val_images, self.val_annotations, masks=self.masks, categories=self.categories,
+                transform=build_transform("none", self.image_size))
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=collate, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

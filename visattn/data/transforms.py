@@ -1,0 +1,50 @@
+"""Albumentations pipelines (box- and mask-aware) for detection, with a small-object preset.
+
+Presets (``augment=`` in :class:`~visattn.data.CocoDataModule`):
+
+- ``"none"``: resize only (the longest side to ``image_size``), as for validation.
+- ``"flip"``: resize + horizontal flip.
+- ``"small_objects"``: resize, scale jitter (0.75-1.5x, so small objects are also seen larger),
+  pad + random crop back to ``image_size``, flip, mild colour jitter. Boxes cut by the crop are
+  clipped and kept while at least 30% of them stays in view; a *relative* threshold, so a tiny box
+  is never dropped for being tiny (no ``min_area``).
+
+A custom pipeline is any ``albumentations`` transform; it is wrapped with the bbox parameters.
+"""
+from __future__ import annotations
+
+import albumentations as A
+
+__all__ = ["PRESETS", "build_transform"]
+
+PRESETS = ("none", "flip", "small_objects")
+
+
+def _bbox_params(min_visibility: float) -> A.BboxParams:
+    return A.BboxParams(format="pascal_voc", label_fields=["labels", "index"], min_visibility=min_visibility,
+                        clip=True, filter_invalid_bboxes=True)
+
+
+def build_transform(augment: str | A.BasicTransform | None, image_size: int | None) -> A.Compose | None:
+    """The pipeline for a preset name (see module docstring) or a custom albumentations transform;
+    ``None`` when there is nothing to do (no resize, no augmentation)."""
+    resize = [A.LongestMaxSize(max_size=image_size)] if image_size else []
+    if augment is None or augment == "none":
+        return A.Compose(resize, bbox_params=_bbox_params(0.0)) if resize else None
+    if augment == "flip":
+        return A.Compose([*resize, A.HorizontalFlip(p=0.5)], bbox_params=_bbox_params(0.0))
+    if augment == "small_objects":
+        if not image_size:
+            raise ValueError("augment='small_objects' needs image_size (the crop size)")
+        return A.Compose([
+            *resize,
+            A.RandomScale(scale_limit=(-0.25, 0.5), p=1.0),
+            A.PadIfNeeded(min_height=image_size, min_width=image_size, position="top_left", fill=0),
+            A.RandomCrop(height=image_size, width=image_size),
+            A.HorizontalFlip(p=0.5),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
+        ], bbox_params=_bbox_params(0.3))
+    if isinstance(augment, A.BasicTransform | A.BaseCompose):
+        return A.Compose([*resize, augment], bbox_params=_bbox_params(0.0))
+    raise ValueError(f"unknown augment preset {augment!r}; choose from {', '.join(PRESETS)} or pass an "
+                     "albumentations transform")
