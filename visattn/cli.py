@@ -45,6 +45,21 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import compare, evaluate, write_report
+
+    result = evaluate(args.gt, args.pred, iou_type=args.iou_type, backend=args.backend, errors=not args.no_errors)
+    comparison = None
+    if args.compare:
+        comparison = compare(args.gt, args.compare, args.pred, iou_type=args.iou_type, n_boot=args.n_boot,
+                             seed=args.seed)
+    md = write_report(args.out, result, comparison, title=f"Evaluation of {args.pred}"
+                      + (f" against {args.compare}" if args.compare else ""))
+    print(md.read_text())
+    print(f"report: {md.parent}/report.json, report.md and plots")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     _cmd_blocks(argparse.Namespace(kind=None))
     print("\nQuick speed check (small tensor; `make bench` runs the full benchmark):\n")
@@ -77,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", action="store_true",
                    help="also write preview.png: boxes coloured by occlusion (green/orange/red)")
     p.set_defaults(fn=_cmd_synth)
+
+    p = sub.add_parser("eval", help="COCO metrics + size bins, occlusion buckets, errors; report with plots")
+    p.add_argument("--gt", required=True, help="ground-truth COCO instances JSON")
+    p.add_argument("--pred", required=True, help="predictions (COCO results JSON)")
+    p.add_argument("--compare", metavar="BASELINE",
+                   help="baseline predictions: adds a paired bootstrap of (pred - baseline) per metric")
+    p.add_argument("--out", required=True, help="folder for report.json, report.md and PNG plots")
+    p.add_argument("--iou-type", choices=["bbox", "segm"], default="bbox")
+    p.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"], default="pycocotools")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for --compare")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-errors", action="store_true", help="skip the TIDE-style error breakdown (7 extra passes)")
+    p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("demo", help="the README's main job: list the blocks and time them")
     p.set_defaults(fn=_cmd_demo)

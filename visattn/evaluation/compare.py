@@ -1,0 +1,175 @@
+"""Paired bootstrap over images: is model B really better than model A, and where?
+
+Both prediction sets are matched to the ground truth once with pycocotools' ``COCOeval.evaluate``.
+Each bootstrap replicate draws images with replacement (the same draw for A and B, so the
+comparison is paired) and re-accumulates COCO's precision/recall with each image counted as often as
+it was drawn, which equals running COCOeval on the resampled dataset, without re-matching.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .core import (OCCLUSION_BUCKETS, SIZE_BINS, _coco, _load_res, _with_area, load_gt, load_predictions,
+                   _check_predictions, occlusion_range)
+
+__all__ = ["MatchTables", "compare"]
+
+
+class MatchTables:
+    """Per-image COCO matches for one prediction set, ready for weighted re-accumulation.
+
+    For each (category, area range): detections sorted as COCOeval sorts them, their image index,
+    true/false-positive flags per IoU threshold, and per-image counts of non-ignored ground truth.
+    """
+
+    def __init__(self, ev) -> None:
+        p = ev.params
+        self.img_index = {img: i for i, img in enumerate(p.imgIds)}
+        self.n_images, self.rec_thrs = len(p.imgIds), np.asarray(p.recThrs)
+        self.n_iou = len(p.iouThrs)
+        n_k, n_a, n_i = len(p.catIds), len(p.areaRng), len(p.imgIds)
+        max_det = p.maxDets[-1]
+        self.tables: list[list[tuple]] = []
+        for a in range(n_a):
+            row = []
+            for k in range(n_k):
+                entries = [ev.evalImgs[k * n_a * n_i + a * n_i + i] for i in range(n_i)]
+                entries = [(i, e) for i, e in enumerate(entries) if e is not None]
+                npig = np.zeros(n_i)
+                if not entries:
+                    row.append((None, None, None, npig))
+                    continue
+                scores = np.concatenate([np.asarray(e["dtScores"][:max_det]) for _, e in entries])
+                img = np.concatenate([np.full(len(e["dtScores"][:max_det]), i) for i, e in entries])
+                m = np.concatenate([np.asarray(e["dtMatches"])[:, :max_det] for _, e in entries], axis=1)
+                ig = np.concatenate([np.asarray(e["dtIgnore"])[:, :max_det] for _, e in entries], axis=1)
+                for i, e in entries:
+                    npig[i] = int(np.count_nonzero(np.asarray(e["gtIgnore"]) == 0))
+                order = np.argsort(-scores, kind="mergesort")
+                tp = np.logical_and(m[:, order] != 0, ~ig[:, order].astype(bool))
+                fp = np.logical_and(m[:, order] == 0, ~ig[:, order].astype(bool))
+                if scores.size == 0:
+                    row.append((None, None, None, npig))
+                    continue
+                row.append((img[order], tp.astype(np.float64), fp.astype(np.float64), npig))
+            self.tables.append(row)
+
+    def accumulate(self, a: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Precision ``(T, R, K')`` and recall ``(T, K')`` (max 100 detections) for area range ``a``
+        over the K' categories with ground truth, each image counted ``weights[i]`` times (default
+        once, which reproduces COCOeval.accumulate)."""
+        w_img = np.ones(self.n_images) if weights is None else weights
+        n_t, n_r = self.n_iou, len(self.rec_thrs)
+        offsets = 2.0 * np.arange(n_t)[:, None]
+        precisions, recalls = [], []
+        for img, tp, fp, npig in self.tables[a]:
+            total = float(np.dot(w_img, npig))
+            if total == 0:
+                continue
+            if img is None:
+                precisions.append(np.zeros((n_t, n_r)))
+                recalls.append(np.zeros(n_t))
+                continue
+            w = w_img[img]
+            tp_sum = np.cumsum(tp * w, axis=1)
+            fp_sum = np.cumsum(fp * w, axis=1)
+            rc = tp_sum / total
+            pr = tp_sum / np.maximum(tp_sum + fp_sum, np.spacing(1))
+            pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # precision envelope
+            # one searchsorted for all IoU rows: shift row t by 2t (recall lies in 0..1)
+            d = rc.shape[1]
+            idx = np.searchsorted((rc + offsets).ravel(), (self.rec_thrs[None, :] + offsets).ravel(), side="left")
+            idx = idx.reshape(n_t, n_r) - np.arange(n_t)[:, None] * d
+            ok = idx < d
+            q = np.zeros((n_t, n_r))
+            q[ok] = np.take_along_axis(pr, np.minimum(idx, d - 1), axis=1)[ok]
+            precisions.append(q)
+            recalls.append(rc[:, -1])
+        if not precisions:
+            return np.zeros((n_t, n_r, 0)), np.zeros((n_t, 0))
+        return np.stack(precisions, axis=-1), np.stack(recalls, axis=-1)
+
+    def metrics(self, a: int, weights: np.ndarray | None = None) -> dict[str, float]:
+        """AP, AP50, AP75 and AR100 for area range ``a`` (-1 where there is no ground truth)."""
+        p, r = self.accumulate(a, weights)
+        if p.shape[-1] == 0:
+            return dict.fromkeys(("AP", "AP50", "AP75", "AR100"), -1.0)
+        return {"AP": float(p.mean()), "AP50": float(p[0].mean()), "AP75": float(p[5].mean()) if len(p) > 5 else -1.0,
+                "AR100": float(r.mean())}
+
+
+def _tables(gt_data: dict, preds: list[dict], iou_type: str, area_rngs: dict, bucket_mid: float | None = None):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    import contextlib
+    import io
+
+    gt_obj = _coco(COCO, gt_data)
+    if preds:
+        dt_obj = _load_res(gt_obj, preds)
+    else:
+        dt_obj = _coco(COCO, {**gt_data, "annotations": []})
+    if bucket_mid is not None:
+        for ann in dt_obj.dataset["annotations"]:
+            ann["area"] = bucket_mid
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(gt_obj, dt_obj, iou_type)
+        ev.params.areaRng = [list(r) for r in area_rngs.values()]
+        ev.params.areaRngLbl = list(area_rngs)
+        ev.evaluate()
+    return MatchTables(ev)
+
+
+def compare(gt, predictions_a, predictions_b, *, iou_type: str = "bbox", n_boot: int = 1000,
+            seed: int = 0, confidence: float = 0.95) -> dict:
+    """Paired bootstrap over images of each metric's difference ``b - a``.
+
+    Returns ``{group: {metric: {"a", "b", "diff", "low", "high", "significant"}}}`` for groups
+    ``overall`` (AP, AP50, AP75, AR100), each size bin and, when the ground truth has ``occlusion``,
+    each occlusion bucket (AP, AR100). ``low``/``high`` bound the ``confidence`` interval
+    (percentile bootstrap); ``significant`` is true when it excludes 0.
+
+    Example:
+        >>> r = compare("gt.json", "baseline.json", "cbam.json")
+        >>> r["size/tiny"]["AP"]   # {'a': .., 'b': .., 'diff': .., 'low': .., 'high': .., ...}
+    """
+    gt_data = load_gt(gt)
+    pa, pb = load_predictions(predictions_a), load_predictions(predictions_b)
+    _check_predictions(gt_data, pa, iou_type)
+    _check_predictions(gt_data, pb, iou_type)
+    groups: list[tuple[str, object, int, list[str]]] = []  # (name, tables pair, area index, metrics)
+    rngs = {"all": (0.0, 1e10), **SIZE_BINS}
+    ta, tb = _tables(gt_data, pa, iou_type, rngs), _tables(gt_data, pb, iou_type, rngs)
+    groups.append(("overall", (ta, tb), 0, ["AP", "AP50", "AP75", "AR100"]))
+    for a, name in enumerate(SIZE_BINS, start=1):
+        groups.append((f"size/{name}", (ta, tb), a, ["AP", "AR100"]))
+    if any("occlusion" in x for x in gt_data["annotations"]):
+        occ = _with_area(gt_data, "occlusion")
+        for name in OCCLUSION_BUCKETS:
+            lo, hi = occlusion_range(name)
+            pair = tuple(_tables(occ, p, iou_type, {name: (lo, hi)}, bucket_mid=(lo + hi) / 2) for p in (pa, pb))
+            groups.append((f"occlusion/{name}", pair, 0, ["AP", "AR100"]))
+
+    def values(tables, a, weights):
+        return tables.metrics(a, weights)
+
+    rng = np.random.default_rng(seed)
+    n = ta.n_images
+    draws = [np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64) for _ in range(n_boot)]
+    alpha = (1 - confidence) / 2
+    result: dict = {"n_boot": n_boot, "seed": seed, "confidence": confidence, "num_images": n}
+    for name, (t_a, t_b), a, metrics in groups:
+        point_a, point_b = values(t_a, a, None), values(t_b, a, None)
+        boots = {m: [] for m in metrics}
+        for w in draws:
+            va, vb = values(t_a, a, w), values(t_b, a, w)
+            for m in metrics:
+                if va[m] >= 0 and vb[m] >= 0:
+                    boots[m].append(vb[m] - va[m])
+        result[name] = {}
+        for m in metrics:
+            d = np.asarray(boots[m])
+            low, high = (float(np.quantile(d, alpha)), float(np.quantile(d, 1 - alpha))) if d.size else (0.0, 0.0)
+            result[name][m] = {"a": point_a[m], "b": point_b[m], "diff": point_b[m] - point_a[m],
+                               "low": low, "high": high, "significant": bool(low > 0 or high < 0)}
+    return result

@@ -1,0 +1,159 @@
+"""A TIDE-style breakdown of what costs AP.
+
+After "TIDE: A General Toolbox for Identifying Object Detection Errors" (Bolya et al., ECCV 2020,
+https://arxiv.org/abs/2008.08115). Every detection that is not a true positive at IoU 0.5 gets one
+error type, by its best overlap with the ground truth of the same image:
+
+- ``duplicate``: IoU >= 0.5 with a same-class object already claimed by a higher-scoring detection;
+- ``classification``: IoU >= 0.5 with an object of another class;
+- ``localisation``: 0.1 <= IoU < 0.5 with an object of its class;
+- ``both``: 0.1 <= IoU < 0.5 with an object of another class only;
+- ``background``: IoU < 0.1 with everything;
+
+and ``missed`` is ground truth that no detection found or came near. Each type's cost is the AP50
+gained by an oracle that fixes only that type (relabel / snap to the object, or drop; for missed,
+forget those objects), computed with COCOeval, overall and per size bin.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from .core import SIZE_BINS, _attach_rles, _coco, _backend, _evaluator, _iou, _load_res, _mean_valid
+
+__all__ = ["ERROR_TYPES", "classify_detections", "error_breakdown"]
+
+ERROR_TYPES = ("classification", "localisation", "both", "duplicate", "background", "missed")
+FG, BG = 0.5, 0.1
+
+
+def classify_detections(gt: dict, preds: list[dict], *, iou_type: str = "bbox", max_dets: int = 100):
+    """Label each prediction ``"tp"``, ``"ignore"`` (on a crowd region) or an error type, with the
+    index of the ground-truth annotation it is about (or -1); and list the missed annotations."""
+    anns = gt["annotations"]
+    if iou_type == "segm":
+        _attach_rles(gt)
+    gt_by_img: dict = {}
+    for gi, a in enumerate(anns):
+        gt_by_img.setdefault(a["image_id"], []).append(gi)
+    pred_by_img: dict = {}
+    for pi, p in enumerate(preds):
+        pred_by_img.setdefault(p["image_id"], []).append(pi)
+    kinds = ["background"] * len(preds)
+    target = [-1] * len(preds)
+    matched: set[int] = set()
+    for img, pis in pred_by_img.items():
+        pis = sorted(pis, key=lambda i: -preds[i]["score"])
+        # COCO keeps the top max_dets per class; we apply it per image and class as well
+        per_class: dict = {}
+        kept = []
+        for i in pis:
+            c = preds[i]["category_id"]
+            per_class[c] = per_class.get(c, 0) + 1
+            if per_class[c] <= max_dets:
+                kept.append(i)
+            else:
+                kinds[i] = "ignore"
+        gis = gt_by_img.get(img, [])
+        ious = _iou([preds[i] for i in kept], [anns[g] for g in gis], iou_type)
+        crowd = np.array([bool(anns[g].get("iscrowd", 0)) for g in gis], dtype=bool)
+        gcls = np.array([anns[g]["category_id"] for g in gis])
+        for row, i in enumerate(kept):
+            c = preds[i]["category_id"]
+            if not gis:
+                continue
+            iou = ious[row]
+            same = (gcls == c) & ~crowd
+            free = same & np.array([g not in matched for g in gis])
+            if free.any() and iou[free].max() >= FG:
+                j = int(np.flatnonzero(free)[np.argmax(iou[free])])
+                matched.add(gis[j])
+                kinds[i], target[i] = "tp", gis[j]
+                continue
+            if ((gcls == c) & crowd).any() and iou[(gcls == c) & crowd].max() >= FG:
+                kinds[i] = "ignore"
+                continue
+            other = (gcls != c) & ~crowd
+            best_same = iou[same].max() if same.any() else 0.0
+            best_other = iou[other].max() if other.any() else 0.0
+            if best_same >= FG:
+                kinds[i] = "duplicate"
+                target[i] = gis[int(np.flatnonzero(same)[np.argmax(iou[same])])]
+            elif best_other >= FG:
+                kinds[i] = "classification"
+                target[i] = gis[int(np.flatnonzero(other)[np.argmax(iou[other])])]
+            elif best_same >= BG:
+                kinds[i] = "localisation"
+                target[i] = gis[int(np.flatnonzero(same)[np.argmax(iou[same])])]
+            elif best_other >= BG:
+                kinds[i] = "both"
+            else:
+                kinds[i] = "background"
+    near = {t for k, t in zip(kinds, target, strict=True) if k in ("classification", "localisation")}
+    missed = [gi for gi, a in enumerate(anns) if not a.get("iscrowd", 0) and gi not in matched and gi not in near]
+    for a in anns:
+        a.pop("_rle", None)
+    return kinds, target, missed
+
+
+def _fixed(gt: dict, preds: list[dict], kinds, target, missed, kind: str):
+    """The (gt, preds) an oracle for ``kind`` would produce."""
+    if kind == "missed":
+        drop = set(missed)
+        return {**gt, "annotations": [a for i, a in enumerate(gt["annotations"]) if i not in drop]}, preds
+    claimed = {t for k, t in zip(kinds, target, strict=True) if k == "tp"}
+    out = []
+    for p, k, t in zip(preds, kinds, target, strict=True):
+        if k != kind:
+            out.append(p)
+        elif kind in ("classification", "localisation") and t not in claimed:
+            q = copy.copy(p)
+            a = gt["annotations"][t]
+            if kind == "classification":
+                q["category_id"] = a["category_id"]
+            else:
+                q["bbox"] = list(a["bbox"])
+                if "segmentation" in q and "_rle_fix" in a:
+                    q["segmentation"] = a["_rle_fix"]
+            claimed.add(t)
+            out.append(q)
+        # duplicate, both, background (and fixes whose object is already found): dropped
+    return gt, out
+
+
+def _ap50_by_bin(backend: str, gt: dict, preds: list[dict], iou_type: str) -> dict[str, float]:
+    cls_coco, _ = _backend(backend)
+    rngs = {"all": (0.0, 1e10), **SIZE_BINS}
+    if not preds:
+        return dict.fromkeys(rngs, 0.0)
+    gt_obj = _coco(cls_coco, gt)
+    ev = _evaluator(backend, gt_obj, _load_res(gt_obj, preds), iou_type, rngs, iou_thrs=[0.5])
+    return {name: max(_mean_valid(ev.eval["precision"][:, :, :, a, -1]), 0.0) for a, name in enumerate(rngs)}
+
+
+def error_breakdown(gt: dict, preds: list[dict], *, iou_type: str = "bbox", backend: str = "pycocotools") -> dict:
+    """AP50 lost to each error type (``delta_AP50``, in AP points 0..1), the number of detections
+    (or objects, for ``missed``) of each type, overall and per size bin; see the module docstring."""
+    kinds, target, missed = classify_detections(gt, preds, iou_type=iou_type)
+    if iou_type == "segm":  # give the localisation oracle the object's mask as RLE
+        gt = {**gt, "annotations": [dict(a) for a in gt["annotations"]]}
+        _attach_rles(gt)
+        for a in gt["annotations"]:
+            if "_rle" in a:
+                rle = a.pop("_rle")
+                a["_rle_fix"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")
+                                 if isinstance(rle["counts"], bytes) else rle["counts"]}
+    base = _ap50_by_bin(backend, gt, preds, iou_type)
+    out = {"AP50": base["all"], "thresholds": {"foreground": FG, "background": BG}, "types": {}}
+    for kind in ERROR_TYPES:
+        g, p = _fixed(gt, preds, kinds, target, missed, kind)
+        fixed = _ap50_by_bin(backend, g, p, iou_type)
+        count = len(missed) if kind == "missed" else sum(k == kind for k in kinds)
+        out["types"][kind] = {
+            "count": count,
+            "delta_AP50": fixed["all"] - base["all"],
+            "size": {b: fixed[b] - base[b] for b in SIZE_BINS},
+        }
+    out["true_positives"] = sum(k == "tp" for k in kinds)
+    return out

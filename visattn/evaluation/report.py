@@ -1,0 +1,135 @@
+"""Reports: ``report.json``, ``report.md`` (tables) and PNG plots from :func:`evaluate` /
+:func:`compare` results."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .core import OCCLUSION_BUCKETS, SIZE_BINS, STANDARD_KEYS
+
+__all__ = ["format_markdown", "write_report"]
+
+
+def _pct(v: float) -> str:
+    return "n/a" if v is None or v < 0 else f"{100 * v:.1f}"
+
+
+def format_markdown(result: dict, comparison: dict | None = None, title: str = "Evaluation") -> str:
+    """Markdown tables of an :func:`evaluate` result (and a :func:`compare` result). Values in %."""
+    lines = [f"# {title}", "",
+             f"{result.get('num_images', '?')} images, {result.get('num_predictions', '?')} predictions, "
+             f"iou_type={result.get('iou_type')}, backend={result.get('backend')}. All values in %.", "",
+             "## COCO (pycocotools definitions)", "",
+             "| " + " | ".join(STANDARD_KEYS) + " |", "|" + "---|" * len(STANDARD_KEYS),
+             "| " + " | ".join(_pct(result[k]) for k in STANDARD_KEYS) + " |", ""]
+    if "size" in result:
+        lines += ["## By object size (AI-TOD bins of ground-truth area)", "",
+                  f"Area source: {result.get('size_area_source', 'ground-truth area')}.", "",
+                  "| bin | area (px) | objects | AP | AR100 |", "|---|---|---|---|---|"]
+        for name, (lo, hi) in SIZE_BINS.items():
+            r = result["size"][name]
+            rng = f"{lo:.0f}-{hi:.0f}" if hi < 1e9 else f">= {lo:.0f}"
+            lines.append(f"| {name} | {rng} | {r['count']} | {_pct(r['AP'])} | {_pct(r['AR100'])} |")
+        lines.append("")
+    if "occlusion" in result:
+        lines += ["## By occlusion (hidden fraction; other buckets' objects ignored, as COCO does for size)", "",
+                  "| bucket | occlusion | objects | AP | AR100 |", "|---|---|---|---|---|"]
+        for name, (lo, hi) in OCCLUSION_BUCKETS.items():
+            r = result["occlusion"][name]
+            rng = f"<= {hi}" if name == "none" else f"({lo}, {hi}]"
+            lines.append(f"| {name} | {rng} | {r['count']} | {_pct(r['AP'])} | {_pct(r['AR100'])} |")
+        occ = result.get("occluded_recall")
+        if occ:
+            lines += ["", f"Occluded recall (Occluded COCO style: objects > {occ['min_occlusion']} hidden, "
+                          f"score >= {occ['score_thr']}, IoU >= {occ['iou_thr']}, no false-positive "
+                          f"penalty): **{_pct(occ['recall'])}** of {occ['count']} objects."]
+        lines.append("")
+    if "errors" in result:
+        err = result["errors"]
+        bins = list(SIZE_BINS)
+        lines += ["## What costs AP (TIDE-style: AP50 points an oracle fixing only that error would gain)", "",
+                  f"AP50 = {_pct(err['AP50'])}; {err['true_positives']} true positives.", "",
+                  "| error | count | dAP50 | " + " | ".join(bins) + " |", "|---|---|---|" + "---|" * len(bins)]
+        for kind, r in err["types"].items():
+            lines.append(f"| {kind} | {r['count']} | {_pct(r['delta_AP50'])} | "
+                         + " | ".join(_pct(r['size'][b]) for b in bins) + " |")
+        lines.append("")
+    if "per_class" in result:
+        lines += ["## AP per class", "", "| class | AP |", "|---|---|"]
+        lines += [f"| {name} | {_pct(ap)} |" for name, ap in result["per_class"].items()]
+        lines.append("")
+    if comparison:
+        lines += [f"## Paired comparison (B - A, {int(100 * comparison['confidence'])}% bootstrap interval "
+                  f"over {comparison['num_images']} images, {comparison['n_boot']} replicates)", "",
+                  "| group | metric | A | B | B - A | interval | significant |", "|---|---|---|---|---|---|---|"]
+        for group, metrics in comparison.items():
+            if not isinstance(metrics, dict):
+                continue
+            for m, r in metrics.items():
+                lines.append(f"| {group} | {m} | {_pct(r['a'])} | {_pct(r['b'])} | {100 * r['diff']:+.1f} | "
+                             f"[{100 * r['low']:+.1f}, {100 * r['high']:+.1f}] | {'yes' if r['significant'] else 'no'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot_curves(result: dict, prefix: str, names, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rec = np.linspace(0, 1, 101)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name in names:
+        curve = result.get("curves", {}).get(f"{prefix}/{name}")
+        if curve is not None:
+            ax.plot(rec, curve, label=name)
+    ax.set(xlabel="recall", ylabel="precision (IoU 0.5, mean over classes)", xlim=(0, 1), ylim=(0, 1.02), title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_comparison(comparison: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g, v in comparison.items() if isinstance(v, dict) and "AP" in v]
+    diff = np.array([100 * comparison[g]["AP"]["diff"] for g in groups])
+    low = np.array([100 * comparison[g]["AP"]["low"] for g in groups])
+    high = np.array([100 * comparison[g]["AP"]["high"] for g in groups])
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(groups) + 1.2))
+    y = np.arange(len(groups))
+    colours = ["tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray" for lo, hi in zip(low, high)]
+    for yi, d, lo, hi, c in zip(y, diff, low, high, colours, strict=True):
+        ax.errorbar([d], [yi], xerr=[[d - lo], [hi - d]], fmt="o", color=c, capsize=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, groups)
+    ax.invert_yaxis()
+    ax.set(xlabel="AP difference B - A (points), with bootstrap interval", title="AP by bucket")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out_dir, result: dict, comparison: dict | None = None, title: str = "Evaluation") -> Path:
+    """Write ``report.json``, ``report.md`` and PNG plots into ``out_dir``; return ``report.md``'s path.
+
+    Plots: ``pr_size.png`` and ``pr_occlusion.png`` (precision-recall per size bin / occlusion
+    bucket) and, with a comparison, ``ap_by_bucket.png`` (AP difference with its interval).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({"result": result, "comparison": comparison}, indent=1))
+    md = format_markdown(result, comparison, title)
+    (out / "report.md").write_text(md)
+    if "size" in result:
+        _plot_curves(result, "size", SIZE_BINS, out / "pr_size.png", "Precision-recall by object size")
+    if "occlusion" in result:
+        _plot_curves(result, "occlusion", OCCLUSION_BUCKETS, out / "pr_occlusion.png", "Precision-recall by occlusion")
+    if comparison:
+        _plot_comparison(comparison, out / "ap_by_bucket.png")
+    return out / "report.md"
