@@ -1,5 +1,5 @@
 # The two commands a newcomer needs (see README):
-#   make demo   set up .venv if missing, then run the main job
+#   make demo   set up .venv if missing, then train the quickstart detector and print its evaluation
 #   make test   set up .venv if missing, then run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m visattn.cli demo
+	$(PY) train.py fit --config configs/quickstart.yaml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-errors", action="store_true", help="skip the TIDE-style error breakdown (7 extra passes)")
     p.set_defaults(fn=_cmd_eval)
 
-    p = sub.add_parser("demo", help="the README's main job: list the blocks and time them")
+    p = sub.add_parser("demo", help="list the blocks and time them on a small tensor")
     p.set_defaults(fn=_cmd_demo)
     return parser
 

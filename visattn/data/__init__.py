@@ -4,9 +4,11 @@
 """
 from .coco import CategoryMap, CocoDataModule, CocoDetectionDataset, collate, load_coco
 from .synthetic import CLASSES, SynthConfig, generate_synthetic, preview, render_image
+from .synthetic_module import SyntheticDataModule, default_cache_dir
 from .transforms import PRESETS, build_transform
 
 __all__ = [
     "CLASSES", "PRESETS", "CategoryMap", "CocoDataModule", "CocoDetectionDataset", "SynthConfig",
+    "SyntheticDataModule", "default_cache_dir",
     "build_transform", "collate", "generate_synthetic", "load_coco", "preview", "render_image",
 ]

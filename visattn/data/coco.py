@@ -118,7 +118,8 @@ class CocoDetectionDataset(Dataset):
     """
 
     def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike | dict, *,
-                 transform=None, masks: bool = False, categories: CategoryMap | None = None) -> None:
+                 transform=None, masks: bool = False, semantic: bool = False,
+                 categories: CategoryMap | None = None) -> None:
         self.root = Path(images)
         self.annotation_file = None if isinstance(annotations, dict) else Path(annotations)
         data = annotations if isinstance(annotations, dict) else load_coco(annotations)
@@ -138,7 +139,8 @@ class CocoDetectionDataset(Dataset):
             if not ann.get("iscrowd", 0):
                 self.anns[ann["image_id"]].append(ann)
         self.transform = transform
-        self.masks = masks
+        self.return_masks = masks
+        self.semantic = semantic
 
     def __len__(self) -> int:
         return len(self.images)
@@ -157,7 +159,12 @@ class CocoDetectionDataset(Dataset):
         info = self.images[index]
         image = self.load_image(index)
         h, w = image.shape[:2]
-        boxes, labels, masks = [], [], []
+        boxes, labels, masks, sem_masks = [], [], [], []
+        if self.semantic:  # every instance paints the label map, degenerate boxes included
+            for ann in sorted(self.anns[info["id"]], key=lambda a: -a.get("area", 0)):
+                if "segmentation" in ann:
+                    sem_masks.append((self.categories.to_label[ann["category_id"]],
+                                      _decode_mask(ann["segmentation"], h, w)))
         for ann in self.anns[info["id"]]:
             x, y, bw, bh = ann["bbox"]
             x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + bw, w), min(y + bh, h)
@@ -165,19 +172,25 @@ class CocoDetectionDataset(Dataset):
                 continue  # degenerate, or entirely outside the image
             boxes.append([x0, y0, x1, y1])
             labels.append(self.categories.to_label[ann["category_id"]])
-            if self.masks:
+            if self.return_masks:
                 if "segmentation" not in ann:
                     raise ValueError(f"annotation {ann.get('id')} of {info['file_name']} has no 'segmentation' "
                                      "but masks were asked for")
                 masks.append(_decode_mask(ann["segmentation"], h, w))
+        n_inst = len(masks)
+        masks = masks + [m for _, m in sem_masks]
         if self.transform is not None:
-            kw = {"masks": masks} if self.masks else {}
+            kw = {"masks": masks} if masks else {}
             out = self.transform(image=image, bboxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                                  labels=labels, index=list(range(len(boxes))), **kw)
             image, keep = out["image"], [int(i) for i in out["index"]]
             boxes, labels = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4), list(out["labels"])
-            if self.masks:
+            sem_out = list(out["masks"][n_inst:]) if masks else []
+            if self.return_masks:
                 masks = [out["masks"][i] for i in keep]
+        else:
+            sem_out = masks[n_inst:]
+            masks = masks[:n_inst]
         boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
         ok = (boxes_t[:, 2] > boxes_t[:, 0]) & (boxes_t[:, 3] > boxes_t[:, 1])
         target = {
@@ -187,10 +200,15 @@ class CocoDetectionDataset(Dataset):
             "orig_size": (h, w),
             "size": tuple(image.shape[:2]),
         }
-        if self.masks:
+        if self.return_masks:
             stacked = (np.stack([np.asarray(m) for m in masks]) if masks
                        else np.zeros((0, *image.shape[:2]), dtype=np.uint8))
             target["masks"] = torch.as_tensor(stacked, dtype=torch.uint8)[ok]
+        if self.semantic:  # larger objects first, so smaller ones stay visible on top
+            sem = np.zeros(image.shape[:2], dtype=np.int64)
+            for (label, _), m in zip(sem_masks, sem_out, strict=True):
+                sem[np.asarray(m) > 0] = label
+            target["semantic"] = torch.from_numpy(sem)
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
         return tensor, target
 
@@ -214,6 +232,8 @@ class CocoDataModule(L.LightningDataModule):
         augment: training preset (``"none"``, ``"flip"``, ``"small_objects"``) or an albumentations
             transform; validation only resizes.
         masks: also return instance masks (for Mask R-CNN).
+        semantic: also return ``semantic``, an ``(H, W)`` int64 label map painted from the instance
+            masks (0 = background), for segmenters.
 
     The mapping from category ids to labels is ``self.categories`` (a :class:`CategoryMap`), taken
     from the training file; ``val_annotations`` is the ground truth for evaluation.
@@ -226,14 +246,14 @@ class CocoDataModule(L.LightningDataModule):
     def __init__(self, train_images: str, train_annotations: str, val_images: str | None = None,
                  val_annotations: str | None = None, *, batch_size: int = 4, num_workers: int = 0,
                  image_size: int | None = None, augment: str | None = "flip", masks: bool = False,
-                 val_batch_size: int | None = None) -> None:
+                 semantic: bool = False, val_batch_size: int | None = None) -> None:
         super().__init__()
         self.train_images, self.train_annotations = train_images, train_annotations
         self.val_images = val_images or train_images
         self.val_annotations = val_annotations or train_annotations
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_batch_size = val_batch_size or batch_size
-        self.image_size, self.augment, self.masks = image_size, augment, masks
+        self.image_size, self.augment, self.masks, self.semantic = image_size, augment, masks, semantic
         build_transform(augment, image_size)  # fail early on a bad preset
         self._categories: CategoryMap | None = None
         self.train_set: CocoDetectionDataset | None = None
@@ -252,11 +272,13 @@ class CocoDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = CocoDetectionDataset(
-                self.train_images, self.train_annotations, masks=self.masks, categories=self.categories,
+                self.train_images, self.train_annotations, masks=self.masks, semantic=self.semantic,
+                categories=self.categories,
                 transform=build_transform(self.augment, self.image_size))
         if stage in (None, "fit", "validate", "test", "predict") and self.val_set is None:
             self.val_set = CocoDetectionDataset(
-                self.val_images, self.val_annotations, masks=self.masks, categories=self.categories,
+                self.val_images, self.val_annotations, masks=self.masks, semantic=self.semantic,
+                categories=self.categories,
                 transform=build_transform("none", self.image_size))
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:

@@ -22,6 +22,7 @@ __all__ = ["ARCHS", "build_detector"]
 
 ARCHS = ("fasterrcnn", "retinanet", "fcos", "maskrcnn")
 _TWO_STAGE = ("fasterrcnn", "maskrcnn")
+_CLASSES = {"fasterrcnn": FasterRCNN, "maskrcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS}
 
 
 def _as_list(names: str | Sequence[str] | None) -> list[str]:
@@ -46,7 +47,7 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
                    p2: bool | None = None, anchor_sizes: Sequence[Sequence[float]] | None = None,
                    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0), fpn_channels: int = 256,
                    attention_stages: Sequence[int] | None = None, attention_kwargs: dict | None = None,
-                   frozen_bn: bool | None = None, **kw) -> nn.Module:
+                   frozen_bn: bool | None = None, detector_kwargs: dict | None = None, **kw) -> nn.Module:
     """Build a torchvision detector on a timm / torchvision backbone with an FPN neck.
 
     Args:
@@ -64,8 +65,8 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
             :func:`default_anchor_sizes` (32 px on P2 for R-CNN; 16 px on P2 for RetinaNet with
             ``p2=True``). For objects under 16 px, shrink them, e.g. ``((16,), (32,), ...)``.
         fpn_channels: FPN width (256 in torchvision; 64-128 trains much faster on CPU).
-        **kw: passed to the torchvision class (``min_size``, ``max_size``, ``box_score_thresh``,
-            ``detections_per_img``, ...).
+        detector_kwargs, **kw: passed to the torchvision class (``min_size``, ``max_size``,
+            ``box_score_thresh``, ``detections_per_img``, ...); configs use ``detector_kwargs``.
 
     Example:
         >>> model = build_detector("fcos", backbone="resnet18", num_classes=8, attention="cbam",
@@ -97,12 +98,17 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
     ratios = (1.0,) if arch == "fcos" else tuple(aspect_ratios)
     anchors = AnchorGenerator(sizes, (ratios,) * len(sizes))
     classes = num_classes + 1  # index 0 is background in every torchvision head
+    kw = {**(detector_kwargs or {}), **kw}
     if two_stage:
         names = [str(i) for i in range(len(levels))]
         kw.setdefault("box_roi_pool", MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2))
         if arch == "maskrcnn":
             kw.setdefault("mask_roi_pool", MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2))
-            return MaskRCNN(neck, num_classes=classes, rpn_anchor_generator=anchors, **kw)
-        return FasterRCNN(neck, num_classes=classes, rpn_anchor_generator=anchors, **kw)
-    cls = RetinaNet if arch == "retinanet" else FCOS
-    return cls(neck, num_classes=classes, anchor_generator=anchors, **kw)
+        kw["rpn_anchor_generator"] = anchors
+    else:
+        kw["anchor_generator"] = anchors
+    try:
+        return _CLASSES[arch](neck, num_classes=classes, **kw)
+    except TypeError as e:
+        raise TypeError(f"{arch}: bad detector keyword argument(s) for torchvision's "
+                        f"{_CLASSES[arch].__name__}: {e}") from None
