@@ -255,10 +255,6 @@ def occluded_recall(gt: dict, preds: list[dict], *, iou_type: str = "bbox", min_
 # evaluate
 
 
-def _zeros_result(gt: dict) -> dict:
-    return {k: 0.0 for k in STANDARD_KEYS}
-
-
 def evaluate(gt, predictions, *, iou_type: str = "bbox", backend: str = "pycocotools",
              size_bins: bool = True, occlusion: bool = True, per_class: bool = True,
              errors: bool = True, occluded_recall_kwargs: dict | None = None) -> dict:
@@ -301,12 +297,17 @@ def evaluate(gt, predictions, *, iou_type: str = "bbox", backend: str = "pycocot
                     "num_predictions": len(preds)}
     has_occ = occlusion and any("occlusion" in a for a in gt_data["annotations"])
     if not preds:
-        result.update(_zeros_result(gt_data))
+        result.update(dict.fromkeys(STANDARD_KEYS, 0.0))
         if size_bins:
             result["size"] = {k: {"AP": 0.0, "AR100": 0.0, "count": counts_by(r)} for k, r in SIZE_BINS.items()}
         if has_occ:
             result["occlusion"] = {k: {"AP": 0.0, "AR100": 0.0, "count": counts_by(occlusion_range(k), "occlusion")}
                                    for k in OCCLUSION_BUCKETS}
+            result["occluded_recall"] = occluded_recall(gt_data, preds, iou_type=iou_type,
+                                                        **(occluded_recall_kwargs or {}))
+        if per_class:
+            result["per_class"] = {c.get("name", str(c["id"])): 0.0 for c in gt_data["categories"]}
+        result["curves"] = {}
         return result
 
     gt_obj = _coco(cls_coco, gt_data)

@@ -79,10 +79,12 @@ def _plot_curves(result: dict, prefix: str, names, path: Path, title: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = {n: result.get("curves", {}).get(f"{prefix}/{n}") for n in names}
+    if not any(c is not None for c in curves.values()):
+        return  # no predictions: nothing to draw
     rec = np.linspace(0, 1, 101)
     fig, ax = plt.subplots(figsize=(5, 4))
-    for name in names:
-        curve = result.get("curves", {}).get(f"{prefix}/{name}")
+    for name, curve in curves.items():
         if curve is not None:
             ax.plot(rec, curve, label=name)
     ax.set(xlabel="recall", ylabel="precision (IoU 0.5, mean over classes)", xlim=(0, 1), ylim=(0, 1.02), title=title)
