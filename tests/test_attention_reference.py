@@ -160,7 +160,7 @@ def test_nonlocal_plain_and_identity_at_init():
     x = torch.randn(2, 16, 4, 5)
     torch.testing.assert_close(visattn.create_block("nonlocal", 16)(x), x)
     block = randomize_(visattn.create_block("nonlocal", 16), scale=0.2)
-    conv = lambda m, t: F.conv2d(t, m.weight, m.bias).flatten(2).transpose(1, 2)  # noqa: E731
+    conv = lambda m, t: F.conv2d(t, m.weight, m.bias).flatten(2).transpose(1, 2)
     y = full_attention(conv(block.theta, x), conv(block.phi, x), conv(block.g, x), 1.0)
     y = F.conv2d(y.transpose(1, 2).reshape(2, 8, 4, 5), block.w_z.weight, block.w_z.bias)
     torch.testing.assert_close(block(x), x + y, rtol=1e-4, atol=1e-5)

@@ -10,7 +10,13 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from visattn.cli import main as cli
-from visattn.data import CocoDataModule, CocoDetectionDataset, build_transform, generate_synthetic, load_coco
+from visattn.data import (
+    CocoDataModule,
+    CocoDetectionDataset,
+    build_transform,
+    generate_synthetic,
+    load_coco,
+)
 
 COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
 needs_coco128 = pytest.mark.skipif(not COCO128.is_dir(), reason="../shared/data/coco128 not present")
@@ -109,7 +115,7 @@ def test_datamodule_on_synthetic_masks_equal_area(synth):
     for a in _json(synth)["annotations"]:
         anns[a["image_id"]].append(a)
     for i in range(5):
-        img, t = ds[i]
+        _, t = ds[i]
         assert sorted(t["masks"].sum(dim=(1, 2)).tolist()) == sorted(a["area"] for a in anns[t["image_id"]])
     dm = CocoDataModule(str(synth / "images"), ann, batch_size=8, image_size=128, augment="small_objects", masks=True)
     dm.setup("fit")

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 import visattn
-from visattn.models import ARCHS, SEGMENTER_ARCHS, build_detector, build_segmenter, default_anchor_sizes
+from visattn.models import (
+    ARCHS,
+    SEGMENTER_ARCHS,
+    build_detector,
+    build_segmenter,
+    default_anchor_sizes,
+)
 from visattn.plug import Blend
 
 BACKBONES = ["resnet10t", "torchvision:resnet18"]

@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from .registry import create_block
 
-__all__ = ["Blend", "plug", "find_residual_blocks"]
+__all__ = ["Blend", "find_residual_blocks", "plug"]
 
 BlockSpec = str | Callable[[int], nn.Module]
 
@@ -86,7 +86,7 @@ class _OpaqueTracer(fx.Tracer):
 def _trace(module: nn.Module) -> fx.Graph | None:
     try:
         return _OpaqueTracer().trace(module)
-    except Exception:  # data-dependent control flow, extra required inputs, ...: not a block we can read
+    except Exception:  # noqa: BLE001  data-dependent control flow, extra required inputs: not a block we can read
         return None
 
 
@@ -201,8 +201,8 @@ def _probe_channels(model: nn.Module, names: list[str]) -> dict[str, int]:
         model.eval()
         with torch.no_grad():
             model(torch.zeros(1, conv.in_channels, 128, 128, device=p.device, dtype=p.dtype))
-    except Exception:
-        pass  # the caller reports the blocks whose width is still unknown
+    except Exception:  # noqa: BLE001, S110  the caller reports the blocks whose width is still unknown
+        pass
     finally:
         model.train(was_training)
         for h in hooks:

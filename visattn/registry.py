@@ -13,7 +13,7 @@ from torch import nn
 
 from . import layers as L
 
-__all__ = ["BlockInfo", "KINDS", "block_info", "create_block", "list_blocks"]
+__all__ = ["KINDS", "BlockInfo", "block_info", "create_block", "list_blocks"]
 
 #: The kinds of attention, as used by ``list_blocks(kind=...)``.
 KINDS = ("channel", "spatial", "hybrid", "self", "cross")

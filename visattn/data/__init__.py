@@ -8,7 +8,18 @@ from .synthetic_module import SyntheticDataModule, default_cache_dir
 from .transforms import PRESETS, build_transform
 
 __all__ = [
-    "CLASSES", "PRESETS", "CategoryMap", "CocoDataModule", "CocoDetectionDataset", "SynthConfig",
-    "SyntheticDataModule", "default_cache_dir",
-    "build_transform", "collate", "generate_synthetic", "load_coco", "preview", "render_image",
+    "CLASSES",
+    "PRESETS",
+    "CategoryMap",
+    "CocoDataModule",
+    "CocoDetectionDataset",
+    "SynthConfig",
+    "SyntheticDataModule",
+    "build_transform",
+    "collate",
+    "default_cache_dir",
+    "generate_synthetic",
+    "load_coco",
+    "preview",
+    "render_image",
 ]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .transforms import build_transform
 
-__all__ = ["CocoDataModule", "CocoDetectionDataset", "CategoryMap", "collate", "load_coco"]
+__all__ = ["CategoryMap", "CocoDataModule", "CocoDetectionDataset", "collate", "load_coco"]
 
 
 def _fail(source: str, what: str) -> None:

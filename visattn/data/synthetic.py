@@ -222,7 +222,7 @@ def _annotations(objects: list[dict], image_id: int) -> list[dict]:
     anns = []
     for obj in objects:
         rle = mask_utils.encode(np.asfortranarray(obj["mask"].astype(np.uint8)))
-        x, y, w, h = (int(round(b)) for b in mask_utils.toBbox(rle))
+        x, y, w, h = (round(b) for b in mask_utils.toBbox(rle))
         anns.append({
             "image_id": image_id,
             "category_id": obj["category"] + 1,

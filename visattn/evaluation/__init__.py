@@ -7,13 +7,32 @@ and reports.
     >>> r["AP"], r["size"]["tiny"]["AP"], r["occlusion"]["heavy"]["AP"]
 """
 from .compare import MatchTables, compare
-from .core import (BACKENDS, OCCLUSION_BUCKETS, SIZE_BINS, STANDARD_KEYS, evaluate, load_gt, load_predictions,
-                   occluded_recall)
+from .core import (
+                   BACKENDS,
+                   OCCLUSION_BUCKETS,
+                   SIZE_BINS,
+                   STANDARD_KEYS,
+                   evaluate,
+                   load_gt,
+                   load_predictions,
+                   occluded_recall,
+)
 from .errors import ERROR_TYPES, error_breakdown
 from .report import format_markdown, write_report
 
 __all__ = [
-    "BACKENDS", "ERROR_TYPES", "MatchTables", "OCCLUSION_BUCKETS", "SIZE_BINS", "STANDARD_KEYS", "compare",
-    "error_breakdown", "evaluate", "format_markdown", "load_gt", "load_predictions", "occluded_recall",
-    "write_report",
+                   "BACKENDS",
+                   "ERROR_TYPES",
+                   "OCCLUSION_BUCKETS",
+                   "SIZE_BINS",
+                   "STANDARD_KEYS",
+                   "MatchTables",
+                   "compare",
+                   "error_breakdown",
+                   "evaluate",
+                   "format_markdown",
+                   "load_gt",
+                   "load_predictions",
+                   "occluded_recall",
+                   "write_report",
 ]

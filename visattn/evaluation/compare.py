@@ -7,10 +7,22 @@ it was drawn, which equals running COCOeval on the resampled dataset, without re
 """
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 
-from .core import (OCCLUSION_BUCKETS, SIZE_BINS, _coco, _load_res, _with_area, load_gt, load_predictions,
-                   _check_predictions, occlusion_range)
+from .core import (
+    OCCLUSION_BUCKETS,
+    SIZE_BINS,
+    _check_predictions,
+    _coco,
+    _load_res,
+    _with_area,
+    load_gt,
+    load_predictions,
+    occlusion_range,
+)
 
 __all__ = ["MatchTables", "compare"]
 
@@ -101,8 +113,6 @@ class MatchTables:
 def _tables(gt_data: dict, preds: list[dict], iou_type: str, area_rngs: dict, bucket_mid: float | None = None):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
-    import contextlib
-    import io
 
     gt_obj = _coco(COCO, gt_data)
     if preds:

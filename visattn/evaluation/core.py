@@ -291,7 +291,7 @@ def evaluate(gt, predictions, *, iou_type: str = "bbox", backend: str = "pycocot
     gt_data = load_gt(gt)
     preds = load_predictions(predictions)
     _check_predictions(gt_data, preds, iou_type)
-    counts_by = lambda rng, key="area": sum(  # noqa: E731
+    counts_by = lambda rng, key="area": sum(
         1 for a in gt_data["annotations"] if not a.get("iscrowd", 0) and rng[0] <= a.get(key, -1) <= rng[1])
     result: dict = {"iou_type": iou_type, "backend": backend, "num_images": len(gt_data["images"]),
                     "num_predictions": len(preds)}

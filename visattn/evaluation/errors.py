@@ -20,7 +20,7 @@ import copy
 
 import numpy as np
 
-from .core import SIZE_BINS, _attach_rles, _coco, _backend, _evaluator, _iou, _load_res, _mean_valid
+from .core import SIZE_BINS, _attach_rles, _backend, _coco, _evaluator, _iou, _load_res, _mean_valid
 
 __all__ = ["ERROR_TYPES", "classify_detections", "error_breakdown"]
 

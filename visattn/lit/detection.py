@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from pycocotools import mask as mask_utils
 from torch import nn
 
-__all__ = ["DetectionModule", "NAN_POLICIES", "WarmupCosineLR", "configure_optimizers", "gather_predictions"]
+__all__ = ["NAN_POLICIES", "DetectionModule", "WarmupCosineLR", "configure_optimizers", "gather_predictions"]
 
 NAN_POLICIES = ("raise", "skip")
 
