@@ -140,6 +140,7 @@ def test_ddp_two_cpu_processes_gather_validation(tmp_path):
     gives the same report as one process; a 2-process fast_dev_run trains."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     common = ["validate", "--config", "configs/quickstart.yaml", "--trainer.accelerator=cpu", *TINY_DET,
+              "--trainer.enable_progress_bar=false",
               # an untrained head scores below the config's 0.05 threshold: keep every detection
               '--model.init_args.model.init_args.detector_kwargs={"min_size": 96, "max_size": 96, "score_thresh": 0.0}']
     reports = {}
