@@ -7,9 +7,6 @@ it was drawn, which equals running COCOeval on the resampled dataset, without re
 """
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 
 from .core import (
@@ -17,6 +14,7 @@ from .core import (
     SIZE_BINS,
     _check_predictions,
     _coco,
+    _evaluator,
     _load_res,
     _with_area,
     load_gt,
@@ -112,22 +110,13 @@ class MatchTables:
 
 def _tables(gt_data: dict, preds: list[dict], iou_type: str, area_rngs: dict, bucket_mid: float | None = None):
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     gt_obj = _coco(COCO, gt_data)
     if preds:
-        dt_obj = _load_res(gt_obj, preds)
-    else:
+        dt_obj = _load_res(gt_obj, preds, area=bucket_mid)
+    else:  # pycocotools' loadRes([]) crashes
         dt_obj = _coco(COCO, {**gt_data, "annotations": []})
-    if bucket_mid is not None:
-        for ann in dt_obj.dataset["annotations"]:
-            ann["area"] = bucket_mid
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev = COCOeval(gt_obj, dt_obj, iou_type)
-        ev.params.areaRng = [list(r) for r in area_rngs.values()]
-        ev.params.areaRngLbl = list(area_rngs)
-        ev.evaluate()
-    return MatchTables(ev)
+    return MatchTables(_evaluator("pycocotools", gt_obj, dt_obj, iou_type, area_rngs))
 
 
 def compare(gt, predictions_a, predictions_b, *, iou_type: str = "bbox", n_boot: int = 1000,

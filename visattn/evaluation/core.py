@@ -124,9 +124,15 @@ def _coco(cls, dataset: dict):
         return cls(dataset)
 
 
-def _load_res(gt_obj, preds: list[dict]):
+def _load_res(gt_obj, preds: list[dict], area: float | None = None):
+    """The backend's results object for ``preds`` (copied: loadRes writes into them); ``area``
+    overrides every detection's area (see :func:`_bucket_eval`)."""
     with contextlib.redirect_stdout(io.StringIO()):
-        return gt_obj.loadRes(copy.deepcopy(preds))
+        dt_obj = gt_obj.loadRes(copy.deepcopy(preds))
+    if area is not None:
+        for ann in dt_obj.dataset["annotations"]:
+            ann["area"] = area
+    return dt_obj
 
 
 def _evaluator(backend: str, gt_obj, dt_obj, iou_type: str, area_rngs: dict[str, tuple[float, float]] | None,
@@ -186,10 +192,7 @@ def _bucket_eval(backend, cls_coco, gt_dataset: dict, preds: list[dict], iou_typ
     """COCOeval where only ground truth with ``lo <= area <= hi`` counts (others ignored), and every
     unmatched detection is a false positive (its area is set inside the range)."""
     gt_obj = _coco(cls_coco, gt_dataset)
-    dt_obj = _load_res(gt_obj, preds)
-    mid = (lo + hi) / 2
-    for ann in dt_obj.dataset["annotations"]:
-        ann["area"] = mid
+    dt_obj = _load_res(gt_obj, preds, area=(lo + hi) / 2)
     return _evaluator(backend, gt_obj, dt_obj, iou_type, {"bucket": (lo, hi)}, iou_thrs)
 
 
@@ -324,7 +327,7 @@ def evaluate(gt, predictions, *, iou_type: str = "bbox", backend: str = "pycocot
             for k, cid in enumerate(ev.params.catIds)}
     if size_bins:
         rngs = {"all": (0.0, 1e10), **SIZE_BINS}
-        ev_s = _evaluator(backend, gt_obj, _load_res(gt_obj, preds), iou_type, rngs)
+        ev_s = _evaluator(backend, gt_obj, dt_obj, iou_type, rngs)
         result["size"] = {}
         for a, (name, rng) in enumerate(rngs.items()):
             if name == "all":
