@@ -164,3 +164,15 @@ def test_ddp_two_cpu_processes_gather_validation(tmp_path):
     assert one["num_predictions"] == two["num_predictions"] > 0
     for k in ("AP", "AP50", "AR100"):
         assert one[k] == pytest.approx(two[k], abs=1e-9)
+
+
+def test_predict_returns_coco_results(tmp_path):
+    args = ["predict", "--config", "configs/quickstart.yaml", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false", *TINY_DET,
+            '--model.init_args.model.init_args.detector_kwargs={"min_size": 96, "max_size": 96, "score_thresh": 0.0}']
+    cli = main(args)
+    batches = cli.trainer.predict_loop.predictions
+    results = [r for batch in batches for r in batch]
+    assert len(batches) == 3 and results  # 9 validation images, batch 4
+    assert {r["image_id"] for r in results} == set(range(1, 10))
+    assert all(set(r) == {"image_id", "category_id", "bbox", "score"} and 1 <= r["category_id"] <= 8 for r in results)

@@ -205,13 +205,17 @@ class DetectionModule(L.LightningModule):
                                "`val_annotations` (e.g. visattn.data.CocoDataModule)")
         return dm
 
-    def _eval_step(self, batch) -> None:
+    def _results(self, batch) -> dict[int, list[dict]]:
+        """``{image_id: COCO results}`` for one batch, in the dataset's pixels and category ids."""
         images, targets = batch
         outputs = self.model(images)
         to_category = self._categories().categories.to_category
         segm = self.hparams.iou_type == "segm"
-        for out, t in zip(outputs, targets, strict=True):
-            self._predictions[int(t["image_id"])] = to_coco_results(out, t, to_category, segm)
+        return {int(t["image_id"]): to_coco_results(out, t, to_category, segm)
+                for out, t in zip(outputs, targets, strict=True)}
+
+    def _eval_step(self, batch) -> None:
+        self._predictions.update(self._results(batch))
 
     def on_validation_epoch_start(self) -> None:
         self._predictions = {}
@@ -262,9 +266,4 @@ class DetectionModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch, batch_idx: int) -> list[dict]:
-        images, targets = batch
-        outputs = self.model(images)
-        to_category = self._categories().categories.to_category
-        segm = self.hparams.iou_type == "segm"
-        return [r for out, t in zip(outputs, targets, strict=True)
-                for r in to_coco_results(out, t, to_category, segm)]
+        return [r for results in self._results(batch).values() for r in results]
