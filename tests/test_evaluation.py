@@ -250,3 +250,14 @@ def test_eval_cli_writes_report(synth, tmp_path, capsys):
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert {"size", "occlusion", "occluded_recall", "per_class", "errors"} <= set(rep["result"])
     assert "overall" in rep["comparison"]
+
+
+@needs_coco128
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_inputs_are_left_untouched(coco128, backend):
+    # COCOeval writes into ground-truth annotations; a data module reuses its parsed ground truth
+    gt, preds = copy.deepcopy(coco128), _perturbed(coco128, seed=4)
+    gt0, preds0 = copy.deepcopy(gt), copy.deepcopy(preds)
+    evaluate(gt, preds, backend=backend)
+    compare(gt, preds, preds, n_boot=5)
+    assert gt == gt0 and preds == preds0

@@ -119,20 +119,21 @@ class CocoDetectionDataset(Dataset):
 
     def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike | dict, *,
                  transform=None, masks: bool = False, semantic: bool = False,
-                 categories: CategoryMap | None = None) -> None:
+                 categories: CategoryMap | None = None, source: str | None = None) -> None:
         self.root = Path(images)
-        self.annotation_file = None if isinstance(annotations, dict) else Path(annotations)
         data = annotations if isinstance(annotations, dict) else load_coco(annotations)
+        # how errors name the annotations: the file, also when it was passed already parsed
+        self.source = source or (annotations if not isinstance(annotations, dict) else "the annotations")
         self.categories = categories or CategoryMap(data["categories"])
         unknown = sorted({c["id"] for c in data["categories"]} - set(self.categories.category_ids))
         if unknown:
-            raise ValueError(f"{annotations}: category ids {unknown} are not in the training categories "
+            raise ValueError(f"{self.source}: category ids {unknown} are not in the training categories "
                              f"{self.categories.category_ids}")
         self.images = sorted(data["images"], key=lambda im: im["id"])
         missing = [im["file_name"] for im in self.images if not (self.root / im["file_name"]).is_file()]
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise FileNotFoundError(f"image file(s) listed in {annotations} not found under {self.root}: "
+            raise FileNotFoundError(f"image file(s) listed in {self.source} not found under {self.root}: "
                                     f"{', '.join(missing[:5])}{more}")
         self.anns: dict[int, list[dict]] = {im["id"]: [] for im in self.images}
         for ann in data["annotations"]:
@@ -256,13 +257,23 @@ class CocoDataModule(L.LightningDataModule):
         self.image_size, self.augment, self.masks, self.semantic = image_size, augment, masks, semantic
         build_transform(augment, image_size)  # fail early on a bad preset
         self._categories: CategoryMap | None = None
+        self._parsed: dict[str, dict] = {}  # each annotation file is read and checked once
         self.train_set: CocoDetectionDataset | None = None
         self.val_set: CocoDetectionDataset | None = None
+
+    def _load(self, path: str) -> dict:
+        if path not in self._parsed:
+            self._parsed[path] = load_coco(path)
+        return self._parsed[path]
+
+    def val_gt(self) -> dict:
+        """The validation ground truth, parsed once (what the evaluation scores against)."""
+        return self._load(self.val_annotations)
 
     @property
     def categories(self) -> CategoryMap:
         if self._categories is None:
-            self._categories = CategoryMap(load_coco(self.train_annotations)["categories"])
+            self._categories = CategoryMap(self._load(self.train_annotations)["categories"])
         return self._categories
 
     @property
@@ -272,13 +283,13 @@ class CocoDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = CocoDetectionDataset(
-                self.train_images, self.train_annotations, masks=self.masks, semantic=self.semantic,
-                categories=self.categories,
+                self.train_images, self._load(self.train_annotations), source=self.train_annotations,
+                masks=self.masks, semantic=self.semantic, categories=self.categories,
                 transform=build_transform(self.augment, self.image_size))
         if stage in (None, "fit", "validate", "test", "predict") and self.val_set is None:
             self.val_set = CocoDetectionDataset(
-                self.val_images, self.val_annotations, masks=self.masks, semantic=self.semantic,
-                categories=self.categories,
+                self.val_images, self.val_gt(), source=self.val_annotations,
+                masks=self.masks, semantic=self.semantic, categories=self.categories,
                 transform=build_transform("none", self.image_size))
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:

@@ -115,6 +115,10 @@ def _check_predictions(gt: dict, preds: list[dict], iou_type: str) -> None:
 
 
 def _coco(cls, dataset: dict):
+    """The backend's ``COCO`` over ``dataset``. COCOeval writes into ground-truth annotations
+    (``ignore``, masks turned to RLE), so it gets its own copy of each: the caller's dict, and the
+    data module's cached ground truth, stay as they were."""
+    dataset = {**dataset, "annotations": [dict(a) for a in dataset["annotations"]]}
     with contextlib.redirect_stdout(io.StringIO()):
         if cls.__module__.startswith("pycocotools"):
             c = cls()

@@ -229,17 +229,14 @@ class DetectionModule(L.LightningModule):
         self._eval_step(batch)
 
     def _eval_epoch_end(self, prefix: str) -> None:
-        from ..evaluation import evaluate
+        from ..evaluation import evaluate, load_gt
 
         merged = gather_predictions(self._predictions)
         self._predictions = {}
         if self.trainer.sanity_checking:
             return
         dm = self._categories()
-        gt = dm.val_gt() if hasattr(dm, "val_gt") else dm.val_annotations
-        if isinstance(gt, str) or not isinstance(gt, dict):
-            from ..evaluation import load_gt
-            gt = load_gt(gt)
+        gt = load_gt(dm.val_gt() if hasattr(dm, "val_gt") else dm.val_annotations)
         seen = set(merged)
         if len(seen) < len(gt["images"]):  # fast_dev_run / limit_val_batches: score the images we saw
             gt = {**gt, "images": [im for im in gt["images"] if im["id"] in seen],
