@@ -9,13 +9,13 @@ attention-scaling-cpu.png (log-log plot). One forward pass, batch 1, C=64, ``eva
 the forward adds (Linux: VmHWM after resetting it), measured in a separate call.
 """
 import argparse
-import json
 import platform
 from pathlib import Path
 
 import torch
 
 import visattn
+from visattn._io import atomic_path, atomic_write_json, atomic_write_text
 from visattn.bench import _best_of, peak_memory_mb
 
 NAIVE_LIMIT_GB = 8.0  # skip the naive reference where its matrices alone would exceed this
@@ -103,9 +103,9 @@ def main() -> None:
     if args.out_dir:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "attention-scaling-cpu.md").write_text(report)
-        (out / "attention-scaling-cpu.json").write_text(json.dumps(
-            {n: {str(t): v for t, v in r.items()} for n, r in rows.items()}, indent=1))
+        atomic_write_text(out / "attention-scaling-cpu.md", report)
+        atomic_write_json(out / "attention-scaling-cpu.json",
+                          {n: {str(t): v for t, v in r.items()} for n, r in rows.items()}, indent=1)
         import matplotlib
 
         matplotlib.use("Agg")
@@ -126,7 +126,8 @@ def main() -> None:
         axes[1].legend(fontsize=8, ncol=2)
         fig.suptitle(f"Self-attention blocks on CPU, C={args.channels}, batch 1")
         fig.tight_layout()
-        fig.savefig(out / "attention-scaling-cpu.png", dpi=110)
+        with atomic_path(out / "attention-scaling-cpu.png") as tmp:
+            fig.savefig(tmp, dpi=110)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import platform
 import torch
 
 import visattn
+from visattn._io import atomic_write_text
 from visattn.bench import _best_of, _fwd
 
 
@@ -43,8 +44,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     report = "\n".join(lines) + "\n"
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(report)
+        atomic_write_text(args.out, report)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from visattn._io import atomic_write_text
 from visattn.data import CocoDataModule, generate_synthetic
 
 COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
@@ -66,7 +67,7 @@ def main() -> None:
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
-        Path(args.out).write_text(report)
+        atomic_write_text(args.out, report)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from visattn._io import atomic_write_text
 from visattn.evaluation import STANDARD_KEYS, evaluate
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if args.out:
-        Path(args.out).write_text(report)
+        atomic_write_text(args.out, report)
 
 
 if __name__ == "__main__":

@@ -72,9 +72,21 @@ def benchmark_blocks(
     seed: int = 0,
 ) -> tuple[dict[str, float], list[BlockTiming]]:
     """Time every block in ``names`` (default: all). Returns the copy floor (``{"fwd_ms": ...}``)
-    and one :class:`BlockTiming` per block."""
+    and one :class:`BlockTiming` per block.
+
+    Raises ``ValueError`` for an unknown block name, a shape that is not four ints >= 1, or
+    ``repeats`` / ``backward_repeats`` < 1 (no timing would be taken)."""
+    for arg, value in (("repeats", repeats), ("backward_repeats", backward_repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
+    shape = tuple(shape)
+    if len(shape) != 4 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+        raise ValueError(f"shape must be four ints >= 1 (N, C, H, W), got {shape!r}")
+    names = list(names) if names else list_blocks()
+    unknown = [n for n in names if n not in list_blocks()]
+    if unknown:
+        raise ValueError(f"unknown block(s) {unknown}; valid: {', '.join(list_blocks())}")
     torch.manual_seed(seed)
-    names = names or list_blocks()
     x = torch.randn(shape)
     xg = x.clone().requires_grad_()
     grad = torch.randn(shape)

@@ -1,11 +1,90 @@
-"""The ``visattn`` command line: ``blocks``, ``synth``, ``eval``, ``bench``, ``demo``."""
+"""The ``visattn`` command line: ``blocks``, ``synth``, ``eval``, ``bench``, ``demo``.
+
+A user error (a bad argument, a missing or malformed file, an output path that cannot be written)
+prints one line, ``visattn <command>: error: <what is wrong>``, on stderr and exits with status 2,
+as argparse does for a bad option; set ``VISATTN_DEBUG=1`` to see the traceback instead. Output
+paths are checked before any long work starts, and every file is written atomically.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
+from ._io import atomic_write_text
 from .registry import KINDS, block_info, list_blocks
+
+# Exceptions that mean "the user asked for something that cannot be done" rather than a bug.
+USER_ERRORS = (ValueError, TypeError, OSError)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (the message names the value; argparse adds the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    """Raise ``OSError`` naming ``what`` unless a file can be created in ``folder``."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".visattn-probe-", dir=folder)
+    except OSError as e:
+        raise OSError(f"{what}: cannot write in {folder}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_output_file(path: str, option: str) -> Path:
+    """Check up front that ``path`` can be written as a file (its folder exists and is writable,
+    and it is not a folder), so a long run does not fail at the end."""
+    out = Path(path)
+    if out.is_dir():
+        raise IsADirectoryError(f"{option} {path!r} is a folder; give a file name")
+    parent = out.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{option} {path!r}: folder {str(parent)!r} does not exist")
+    _probe_writable(parent, f"{option} {path!r}")
+    return out
+
+
+def check_output_dir(path: str, option: str) -> Path:
+    """Check up front that ``path`` is (or can be created as) a writable folder; creates it."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{option} {path!r} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"{option} {path!r}: cannot create the folder: {e.strerror or e}") from None
+    _probe_writable(out, f"{option} {path!r}")
+    return out
+
+
+def _check_input_file(path: str, option: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{option} {path!r} does not exist")
+    if not p.is_file():
+        raise IsADirectoryError(f"{option} {path!r} is not a file")
 
 
 def _cmd_blocks(args: argparse.Namespace) -> int:
@@ -21,6 +100,8 @@ def _cmd_blocks(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import benchmark_blocks, format_markdown
 
+    if args.out:
+        check_output_file(args.out, "--out")
     shape = tuple(args.shape)
     floor, results = benchmark_blocks(args.blocks or None, shape=shape, repeats=args.repeats,
                                       backward_repeats=args.backward_repeats)
@@ -28,14 +109,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     report = format_markdown(floor, results, shape, command)
     print(report)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(report)
+        atomic_write_text(args.out, report)
     return 0
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from .data.synthetic import generate_synthetic, preview
 
+    check_output_dir(str(Path(args.out).parent), "out")
     root = generate_synthetic(args.out, num_images=args.num_images, image_size=args.image_size,
                               seed=args.seed, workers=args.workers, progress=True)
     print(f"wrote {args.num_images} images and {root / 'annotations' / 'instances.json'}")
@@ -48,6 +129,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import compare, evaluate, write_report
 
+    _check_input_file(args.gt, "--gt")
+    _check_input_file(args.pred, "--pred")
+    if args.compare:
+        _check_input_file(args.compare, "--compare")
+    check_output_dir(args.out, "--out")
     result = evaluate(args.gt, args.pred, iou_type=args.iou_type, backend=args.backend, errors=not args.no_errors)
     comparison = None
     if args.compare:
@@ -76,19 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_blocks)
 
     p = sub.add_parser("bench", help="time every block against timm and a plain copy")
-    p.add_argument("--blocks", nargs="*", help="block names (default: all)")
-    p.add_argument("--shape", nargs=4, type=int, default=[16, 256, 56, 56], metavar=("N", "C", "H", "W"))
-    p.add_argument("--repeats", type=int, default=7, help="forward timings per candidate (best is kept)")
-    p.add_argument("--backward-repeats", type=int, default=3)
+    p.add_argument("--blocks", nargs="*", choices=list_blocks(), metavar="BLOCK",
+                   help="block names (default: all)")
+    p.add_argument("--shape", nargs=4, type=_positive_int, default=[16, 256, 56, 56], metavar=("N", "C", "H", "W"))
+    p.add_argument("--repeats", type=_positive_int, default=7, help="forward timings per candidate (best is kept)")
+    p.add_argument("--backward-repeats", type=_positive_int, default=3)
     p.add_argument("--out", help="also write the markdown report here")
     p.set_defaults(fn=_cmd_bench, command_line=None)
 
     p = sub.add_parser("synth", help="generate the synthetic small/occluded-object dataset (COCO format)")
     p.add_argument("out", help="output folder (gets images/ and annotations/instances.json)")
-    p.add_argument("--num-images", type=int, default=500)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="processes (output is identical for any count)")
+    p.add_argument("--num-images", type=_positive_int, default=500)
+    p.add_argument("--image-size", type=_positive_int, default=256)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--workers", type=_positive_int, default=1, help="processes (output is identical for any count)")
     p.add_argument("--preview", action="store_true",
                    help="also write preview.png: boxes coloured by occlusion (green/orange/red)")
     p.set_defaults(fn=_cmd_synth)
@@ -101,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for report.json, report.md and PNG plots")
     p.add_argument("--iou-type", choices=["bbox", "segm"], default="bbox")
     p.add_argument("--backend", choices=["pycocotools", "faster_coco_eval"], default="pycocotools")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for --compare")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-boot", type=_positive_int, default=1000, help="bootstrap replicates for --compare")
+    p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--no-errors", action="store_true", help="skip the TIDE-style error breakdown (7 extra passes)")
     p.set_defaults(fn=_cmd_eval)
 
@@ -112,11 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "visattn") -> int:
-    """Run the command line; ``prog`` is how the invocation is reported (benchmarks pass their path)."""
+    """Run the command line; ``prog`` is how the invocation is reported (benchmarks pass their path).
+
+    Returns the exit status: 0 on success, 2 on a user error (one line on stderr), 130 on Ctrl-C.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.invocation = [prog, *argv] if prog == "visattn" else [prog, *argv[1:]]
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except USER_ERRORS as e:
+        if os.environ.get("VISATTN_DEBUG"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"{prog} {args.cmd}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog} {args.cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
