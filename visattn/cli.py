@@ -1,4 +1,4 @@
-"""The ``visattn`` command line: ``blocks``, ``synth``, ``eval``, ``bench``, ``demo``.
+"""The ``visattn`` command line: ``blocks``, ``synth``, ``eval``, ``weights``, ``bench``, ``demo``.
 
 A user error (a bad argument, a missing or malformed file, an output path that cannot be written)
 prints one line, ``visattn <command>: error: <what is wrong>``, on stderr and exits with status 2,
@@ -146,6 +146,50 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_weights(args: argparse.Namespace) -> int:
+    import json
+
+    from . import weights
+
+    if args.action == "list":
+        names = weights.list_pretrained(args.pattern)
+        if not names:
+            print("no published models" + (f" match {args.pattern!r}" if args.pattern else ""))
+            return 0
+        print(f"{'name':<34} {'params':>10}  {'evaluated on':<20} {'AP':>5} {'APs':>5} {'AP_occ_heavy':>12}  source")
+        for name in names:
+            e = weights.pretrained_info(name)
+            split, m = next(iter(sorted(e["metrics"].items())))
+            source = "shipped" if e.get("path") else "mirrors" if e.get("mirrors") else "hf"
+            occ = m.get("AP_occ_heavy")
+            print(f"{name:<34} {e['num_params']:>10,}  {split:<20} {m.get('AP', float('nan')):>5.1f} "
+                  f"{m.get('APs', float('nan')):>5.1f} {'-' if occ is None else f'{occ:.1f}':>12}  {source}")
+        return 0
+    if args.action == "info":
+        print(json.dumps({args.name: weights.pretrained_info(args.name)}, indent=1))
+        return 0
+    if args.action == "download":
+        print(weights.weight_file(args.name))
+        return 0
+    if args.action == "verify":
+        if not args.all and not args.name:
+            raise ValueError("verify: give a NAME or --all")
+        names = weights.list_pretrained() if args.all else [args.name]
+        failed = 0
+        for name in names:
+            try:
+                print(f"{name}: OK ({weights.verify(name)})")
+            except (ValueError, OSError) as e:
+                failed += 1
+                print(f"{name}: FAILED: {e}")
+        return 1 if failed else 0
+    entry = weights.publish(args.checkpoint, name=args.name, config=args.config, report=args.report,
+                            command=args.recipe_command, seed=args.seed, fp16=not args.fp32,
+                            metrics_set=args.metrics_set, license=args.license, notes=args.notes)
+    print(json.dumps({args.name: entry}, indent=1))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     _cmd_blocks(argparse.Namespace(kind=None))
     print("\nQuick speed check (small tensor; `make bench` runs the full benchmark):\n")
@@ -192,6 +236,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--no-errors", action="store_true", help="skip the TIDE-style error breakdown (7 extra passes)")
     p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("weights", help="published pretrained models: list, info, download, verify, publish")
+    wsub = p.add_subparsers(dest="action", required=True)
+    w = wsub.add_parser("list", help="published models with their metrics")
+    w.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'fcos_*'")
+    w = wsub.add_parser("info", help="the manifest entry of one model")
+    w.add_argument("name")
+    w = wsub.add_parser("download", help="fetch (or find) a model's file, verified; prints its path")
+    w.add_argument("name")
+    w = wsub.add_parser("verify", help="check a model's file (or --all) against the manifest's sha256")
+    w.add_argument("name", nargs="?")
+    w.add_argument("--all", action="store_true")
+    w = wsub.add_parser("publish", help="checkpoint -> weights/<name>.safetensors + manifest entry")
+    w.add_argument("checkpoint", help="a Lightning .ckpt of your own run")
+    w.add_argument("--name", required=True, help="arch_backbone_attn.tag, e.g. fcos_resnet10t_eca.synth256")
+    w.add_argument("--config", required=True, help="the run's config.yaml (in its lightning_logs/version_N)")
+    w.add_argument("--report", required=True, help="report.json of `train.py validate` on these weights")
+    w.add_argument("--recipe-command", required=True, help="the command that trained the model")
+    w.add_argument("--seed", type=_non_negative_int, required=True)
+    w.add_argument("--metrics-set", default="synthetic-val", help="name of the evaluation set")
+    w.add_argument("--fp32", action="store_true", help="keep float32 (default: fp16, half the size)")
+    w.add_argument("--license", default="Apache-2.0")
+    w.add_argument("--notes", help="free text for the recipe (device, wall time, ...)")
+    p.set_defaults(fn=_cmd_weights)
 
     p = sub.add_parser("demo", help="list the blocks and time them on a small tensor")
     p.set_defaults(fn=_cmd_demo)
