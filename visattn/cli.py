@@ -165,6 +165,9 @@ def _cmd_weights(args: argparse.Namespace) -> int:
             print(f"{name:<34} {e['num_params']:>10,}  {split:<20} {m.get('AP', float('nan')):>5.1f} "
                   f"{m.get('APs', float('nan')):>5.1f} {'-' if occ is None else f'{occ:.1f}':>12}  {source}")
         return 0
+    if args.action == "table":
+        print(weights.format_table(), end="")
+        return 0
     if args.action == "info":
         print(json.dumps({args.name: weights.pretrained_info(args.name)}, indent=1))
         return 0
@@ -241,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = p.add_subparsers(dest="action", required=True)
     w = wsub.add_parser("list", help="published models with their metrics")
     w.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'fcos_*'")
+    wsub.add_parser("table", help="the README's markdown table of published models")
     w = wsub.add_parser("info", help="the manifest entry of one model")
     w.add_argument("name")
     w = wsub.add_parser("download", help="fetch (or find) a model's file, verified; prints its path")

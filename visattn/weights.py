@@ -474,12 +474,9 @@ def _model_config(config_yaml: Path) -> dict:
 
 
 def _state_dict_from_checkpoint(checkpoint: Path) -> dict:
-    import torch
+    from .lit.checkpoint import verify_checkpoint
 
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read is the same user error
-        raise ValueError(f"{checkpoint}: cannot read the checkpoint: {e}") from None
+    ckpt = verify_checkpoint(checkpoint)  # zip CRCs, then weights_only=True
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{checkpoint}: no 'state_dict' in it; is it a Lightning checkpoint?")
@@ -550,3 +547,21 @@ def publish(checkpoint: str | os.PathLike, *, name: str, config: str | os.PathLi
     models[name] = entry
     atomic_write_json(manifest, {"models": dict(sorted(models.items()))}, indent=1)
     return entry
+
+
+TABLE_COLUMNS = ("AP", "AP50", "APs", "AP_very_tiny", "AP_tiny", "AP_occ_partial", "AP_occ_heavy")
+
+
+def format_table(manifest: dict[str, dict] | None = None) -> str:
+    """The README's table of published models (markdown), one row per model and evaluation set.
+    ``tests/test_weights.py`` fails when the README's copy differs from this."""
+    models = load_manifest() if manifest is None else manifest
+    head = ("| model | params | size | evaluated on | " + " | ".join(TABLE_COLUMNS) + " |\n"
+            "|---|---:|---:|---|" + "---:|" * len(TABLE_COLUMNS) + "\n")
+    rows = []
+    for name, e in sorted(models.items()):
+        for split, m in sorted(e["metrics"].items()):
+            values = " | ".join("–" if m.get(c) is None else f"{m[c]:.1f}" for c in TABLE_COLUMNS)
+            rows.append(f"| `{name}` | {e['num_params'] / 1e6:.1f} M | {e['file_size'] / 2**20:.1f} MiB "
+                        f"| {split} | {values} |\n")
+    return head + ("".join(rows) or "| (none yet) |" + " |" * (3 + len(TABLE_COLUMNS)) + "\n")

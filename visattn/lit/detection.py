@@ -1,6 +1,7 @@
 """LightningModule for torchvision-style detectors, evaluated with visattn.evaluation."""
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -10,22 +11,83 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from pycocotools import mask as mask_utils
 from torch import nn
 
-__all__ = ["NAN_POLICIES", "DetectionModule", "WarmupCosineLR", "configure_optimizers", "gather_predictions"]
+from .checkpoint import check_finite_state, check_state_dict_matches
+
+__all__ = ["NAN_POLICIES", "CheckedModule", "DetectionModule", "WarmupCosineLR", "check_resume", "configure_optimizers",
+           "gather_predictions"]
 
 NAN_POLICIES = ("raise", "skip")
+INTERVALS = ("epoch", "step")
+IOU_TYPES = ("bbox", "segm")
+
+# Scheduler state that moves as training runs; every other entry of a scheduler's state_dict is
+# its configuration, which a resumed run must not change silently.
+_PROGRESS_KEYS = frozenset({"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial",
+                            "base_lrs", "best", "num_bad_epochs", "cooldown_counter", "T_cur", "T_i",
+                            "lr_lambdas", "verbose"})
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {choices}, got {type(value).__name__} {value!r:.60}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r:.60}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_factory(name: str, value) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a factory (a callable, e.g. a class or functools.partial) or None, "
+                        f"got {type(value).__name__} {value!r:.60}")
+
+
+def _check_model(value) -> nn.Module:
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"model must be a built torch.nn.Module (e.g. visattn.models.build_detector(...)), "
+                        f"got {type(value).__name__} {value!r:.60}")
+    return value
 
 
 class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
     """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_ratio`` of the base rate at
-    ``total_steps``. Step it every optimiser step. ``total_steps=None`` is filled in by
-    :class:`DetectionModule` from the trainer's ``estimated_stepping_batches``."""
+    ``total_steps``. A step is one ``scheduler.step()``: an optimiser step with
+    ``scheduler_interval="step"``, an epoch with ``"epoch"``. ``total_steps=None`` is filled in by
+    :class:`DetectionModule` / :class:`SegmentationModule` from the trainer: its
+    ``estimated_stepping_batches`` (``"step"``) or ``max_epochs`` (``"epoch"``).
+
+    Resuming (``load_state_dict``) restores only the progress (the step counter and the base
+    rates); ``warmup_steps``, ``total_steps`` and ``min_ratio`` stay those of the run being
+    configured now, and the optimiser's rates are set for the restored step. So a run resumed with
+    a longer ``max_epochs`` follows the schedule of an uninterrupted run of the new length, and a
+    run resumed with the same settings continues exactly as it would have.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: int | None = None,
                  min_ratio: float = 0.01) -> None:
-        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+        _check_int("warmup_steps", warmup_steps, 0)
+        if total_steps is not None:
+            _check_int("total_steps", total_steps, 1)
+        if isinstance(min_ratio, bool) or not isinstance(min_ratio, int | float) or not 0 <= min_ratio <= 1:
+            raise ValueError(f"min_ratio must be a number in [0, 1], got {min_ratio!r:.60}")
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, float(min_ratio)
         super().__init__(optimizer, self._factor)
 
     def _factor(self, step: int) -> float:
@@ -35,19 +97,173 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the step counter and base rates from ``state_dict``; keep this run's
+        ``warmup_steps`` / ``total_steps`` / ``min_ratio`` and set the optimiser's rates for the
+        restored step (what ``step()`` would have set in an uninterrupted run)."""
+        for key in ("last_epoch", "_step_count", "base_lrs", "_is_initial", "_get_lr_called_within_step"):
+            if key in state_dict:
+                setattr(self, key, state_dict[key])
+        changed = {k: (state_dict[k], getattr(self, k)) for k in ("warmup_steps", "total_steps", "min_ratio")
+                   if k in state_dict and state_dict[k] != getattr(self, k)}
+        lrs = [base_lr * self._factor(self.last_epoch) for base_lr in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self._last_lr = lrs
+        if changed:
+            rank_zero_info("WarmupCosineLR resumed at step " + str(self.last_epoch) + " with this run's schedule: "
+                           + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+
+
+def _schedule_length(trainer, interval: str) -> int:
+    """Scheduler steps in the whole run: optimiser steps (``"step"``) or epochs (``"epoch"``)."""
+    if interval == "epoch":
+        epochs = trainer.max_epochs
+        if epochs is None or epochs < 1:
+            raise ValueError(f"WarmupCosineLR with scheduler_interval='epoch' needs trainer.max_epochs >= 1 "
+                             f"(got {epochs}) or an explicit total_steps")
+        return int(epochs)
+    steps = trainer.estimated_stepping_batches
+    if not math.isfinite(steps):
+        raise ValueError("WarmupCosineLR needs a finite run (trainer.max_epochs or trainer.max_steps) or an "
+                         "explicit total_steps")
+    return int(steps)
+
 
 def configure_optimizers(module: L.LightningModule, optimizer: OptimizerCallable | None,
                          scheduler: LRSchedulerCallable | None, interval: str):
     """Lightning's optimiser config from factories: AdamW (lr 1e-3, wd 1e-4) by default; a
-    :class:`WarmupCosineLR` without ``total_steps`` gets the trainer's step count."""
+    :class:`WarmupCosineLR` without ``total_steps`` gets the run's length in scheduler steps
+    (``interval``: optimiser steps or epochs) from the trainer."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4) if optimizer is None else optimizer(params)
     if scheduler is None:
         return opt
     sched = scheduler(opt)
     if isinstance(sched, WarmupCosineLR) and sched.total_steps is None:
-        sched.total_steps = int(module.trainer.estimated_stepping_batches)
+        sched.total_steps = _schedule_length(module.trainer, interval)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": interval}}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu())
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - incomparable values are different
+        return False
+
+
+def _scheduler_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Configuration entries (not progress) in which two scheduler state dicts differ."""
+    changes = [f"{prefix}{k}: checkpoint {old.get(k, '<absent>')!r}, this run {new.get(k, '<absent>')!r}"
+               for k in sorted(set(old) | set(new))
+               if k not in _PROGRESS_KEYS and k != "_schedulers" and not _same(old.get(k), new.get(k))]
+    old_subs, new_subs = old.get("_schedulers") or [], new.get("_schedulers") or []
+    if len(old_subs) != len(new_subs):
+        changes.append(f"{prefix}_schedulers: checkpoint has {len(old_subs)}, this run {len(new_subs)}")
+    for i, (o, n) in enumerate(zip(old_subs, new_subs, strict=False)):
+        changes += _scheduler_changes(o, n, f"{prefix}_schedulers[{i}].")
+    return changes
+
+
+def _optimizer_changes(old_groups: list[dict], new_groups: list[dict]) -> list[str]:
+    """Hyper-parameters (base ``lr``, ``weight_decay``, ``betas`` ...) in which two optimisers differ."""
+    if len(old_groups) != len(new_groups):
+        return [f"parameter groups: checkpoint {len(old_groups)}, this run {len(new_groups)}"]
+    changes = []
+    for i, (old, new) in enumerate(zip(old_groups, new_groups, strict=True)):
+        old_lr, new_lr = old.get("initial_lr", old.get("lr")), new.get("initial_lr", new.get("lr"))
+        if not _same(old_lr, new_lr):
+            changes.append(f"group {i} lr: checkpoint {old_lr!r}, this run {new_lr!r}")
+        changes += [f"group {i} {k}: checkpoint {old[k]!r}, this run {new[k]!r}" for k in sorted(set(old) & set(new))
+                    if k not in ("params", "lr", "initial_lr") and not _same(old[k], new[k])]
+    return changes
+
+
+def check_resume(checkpoint: dict, param_groups: list[dict] | None, scheduler_state: dict | None,
+                 scheduler_name: str | None, interval: str, source: str) -> None:
+    """Refuse (``ValueError`` naming ``source`` and each difference) a resume whose optimiser or
+    scheduler configuration differs from the checkpoint's in a way the restore would silently undo.
+
+    ``param_groups`` (without ``params``) and ``scheduler_state`` are as this run configured them,
+    before the restore; ``scheduler_name`` is the scheduler's class name.
+    :class:`WarmupCosineLR` is exempt from the scheduler comparison: it follows this run's
+    schedule by design (see its ``load_state_dict``).
+    """
+    problems = []
+    old_interval = (checkpoint.get("hyper_parameters") or {}).get("scheduler_interval")
+    if old_interval is not None and old_interval != interval:
+        problems.append(f"scheduler_interval: checkpoint {old_interval!r}, this run {interval!r}")
+    old_opts = checkpoint.get("optimizer_states") or []
+    if param_groups is not None and old_opts:
+        problems += _optimizer_changes(old_opts[0].get("param_groups", []), param_groups)
+    old_scheds = checkpoint.get("lr_schedulers") or []
+    if bool(old_scheds) != (scheduler_state is not None):
+        problems.append(f"scheduler: checkpoint {'has one' if old_scheds else 'has none'}, this run "
+                        f"{scheduler_name or 'has none'}")
+    elif old_scheds and scheduler_name != WarmupCosineLR.__name__:
+        problems += [f"scheduler {scheduler_name} {c}" for c in _scheduler_changes(old_scheds[0], scheduler_state)]
+    if problems:
+        raise ValueError(f"cannot resume from checkpoint {source}: the restore would replace this run's "
+                         f"settings with the checkpoint's: {'; '.join(problems)}. Resume with the "
+                         "checkpoint's settings (only visattn.lit.WarmupCosineLR follows a changed run "
+                         "length), or start a new run")
+
+
+class CheckedModule(L.LightningModule):
+    """What :class:`DetectionModule` and :class:`SegmentationModule` share: optimisers from factories
+    and checked checkpoints.
+
+    - loading (``--ckpt_path``, ``load_from_checkpoint``): the checkpoint's ``state_dict`` must have
+      the keys and shapes of the model being built (else ``ValueError`` naming the first mismatches);
+    - resuming ``fit``: the optimiser's hyper-parameters, the scheduler's configuration and
+      ``scheduler_interval`` must match the checkpoint's (see :func:`check_resume`);
+      :class:`WarmupCosineLR` instead follows the new run's length;
+    - saving: a ``state_dict`` with NaN or inf is refused with ``FloatingPointError``.
+
+    Subclasses set ``self.optimizer_factory`` and ``self.scheduler_factory`` and save
+    ``scheduler_interval`` as a hyper-parameter.
+    """
+
+    _configured: tuple | None = None
+    _resume_checkpoint: dict | None = None
+
+    def configure_optimizers(self):
+        config = configure_optimizers(self, self.optimizer_factory, self.scheduler_factory,
+                                      self.hparams.scheduler_interval)
+        opt = config["optimizer"] if isinstance(config, dict) else config
+        sched = config["lr_scheduler"]["scheduler"] if isinstance(config, dict) else None
+        state = None if sched is None else copy.deepcopy(sched.state_dict())
+        # copies: the restore that follows overwrites both in place
+        self._configured = (copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]),
+                            state, None if sched is None else type(sched).__name__)
+        return config
+
+    def _ckpt_source(self) -> str:
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        return repr(str(path)) if path else "(being loaded)"
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        strategy = getattr(self._trainer, "strategy", None)
+        if not getattr(strategy, "restore_checkpoint_after_setup", False):  # sharded strategies rename keys
+            check_state_dict_matches(self.state_dict(), checkpoint.get("state_dict") or {}, self._ckpt_source())
+        self._resume_checkpoint = checkpoint
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        check_finite_state(checkpoint.get("state_dict") or {}, f"a checkpoint at global step {self.global_step}")
+
+    def on_train_start(self) -> None:
+        checkpoint, self._resume_checkpoint = self._resume_checkpoint, None
+        if checkpoint is None or self._configured is None:
+            return
+        groups, sched_state, sched_name = self._configured
+        check_resume(checkpoint, groups, sched_state, sched_name, self.hparams.scheduler_interval,
+                     self._ckpt_source())
 
 
 def detector_num_classes(model: nn.Module) -> int | None:
@@ -113,7 +329,7 @@ def to_coco_results(output: dict, target: dict, to_category: dict[int, int], wit
     return results
 
 
-class DetectionModule(L.LightningModule):
+class DetectionModule(CheckedModule):
     """Train a torchvision-API detector and evaluate it with COCO metrics.
 
     Args:
@@ -121,10 +337,16 @@ class DetectionModule(L.LightningModule):
             -> loss dict in training, list of predictions in eval.
         optimizer: optimiser factory ``params -> Optimizer`` (default AdamW, lr 1e-3, wd 1e-4).
         scheduler: scheduler factory ``optimizer -> LRScheduler`` (default none).
-        scheduler_interval: ``"epoch"`` or ``"step"`` (use ``"step"`` with :class:`WarmupCosineLR`).
+        scheduler_interval: when the scheduler steps: ``"epoch"`` or ``"step"``; a
+            :class:`WarmupCosineLR` counts its steps in this unit.
         nan_policy: a non-finite loss ``"raise"``\\ s ``FloatingPointError`` naming the step and the
-            loss terms (default), or is ``"skip"``\\ ped: that batch contributes a zero gradient and
-            ``train/skipped_steps`` counts it.
+            loss terms (default), or is ``"skip"``\\ ped: that batch contributes a zero gradient.
+            A skipped step logs ``train/skipped`` = 1 (0 otherwise), its loss terms as they are
+            (NaN / inf, never a stale finite value) and the running total ``train/skipped_steps``.
+            Skipping stops with ``FloatingPointError`` when the weights themselves are non-finite
+            (no later batch can be finite) or after ``max_consecutive_skips`` skips in a row.
+        max_consecutive_skips: with ``nan_policy="skip"``, how many batches in a row may be skipped
+            (default 10); the next non-finite loss raises ``FloatingPointError``.
         iou_type: ``"bbox"`` or ``"segm"`` (Mask R-CNN) for validation.
         eval_backend: ``"faster_coco_eval"`` (default, same numbers) or ``"pycocotools"``.
         eval_errors: also compute the TIDE-style error breakdown at validation (slower).
@@ -135,23 +357,36 @@ class DetectionModule(L.LightningModule):
     ``val/APm``, ``val/APl``, ``val/AR100``, ``val/AP_<size bin>`` (``very_tiny``, ``tiny``, ...)
     and, when the ground truth carries occlusion, ``val/AP_occ_none``, ``val/AP_occ_partial``,
     ``val/AP_occ_heavy`` and ``val/occluded_recall`` (``test/...`` for ``trainer.test``).
-    The last full result is kept in ``self.last_eval``.
+    The last full result is kept in ``self.last_eval``. Checkpoints are checked as described in
+    :class:`CheckedModule` (resume, config mismatch, non-finite weights).
+
+    Raises:
+        TypeError / ValueError: an argument of the wrong type or out of range (the message names it).
     """
 
     def __init__(self, model: nn.Module, optimizer: OptimizerCallable | None = None,
                  scheduler: LRSchedulerCallable | None = None, scheduler_interval: str = "epoch",
                  nan_policy: str = "raise", iou_type: str = "bbox", eval_backend: str = "faster_coco_eval",
-                 eval_errors: bool = False, channels_last: bool = False) -> None:
+                 eval_errors: bool = False, channels_last: bool = False, max_consecutive_skips: int = 10) -> None:
         super().__init__()
-        if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        from ..evaluation import BACKENDS
+
+        _check_model(model)
+        _check_factory("optimizer", optimizer)
+        _check_factory("scheduler", scheduler)
+        _check_choice("scheduler_interval", scheduler_interval, INTERVALS)
+        _check_choice("nan_policy", nan_policy, NAN_POLICIES)
+        _check_choice("iou_type", iou_type, IOU_TYPES)
+        _check_choice("eval_backend", eval_backend, tuple(BACKENDS))
+        _check_bool("eval_errors", eval_errors)
+        _check_bool("channels_last", channels_last)
+        _check_int("max_consecutive_skips", max_consecutive_skips, 1)
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.skipped_steps = 0
+        self.consecutive_skips = 0
         self.last_eval: dict | None = None
         self._predictions: dict[int, list[dict]] = {}
         if channels_last and hasattr(model, "backbone"):
@@ -175,27 +410,47 @@ class DetectionModule(L.LightningModule):
         targets = [{k: v for k, v in t.items() if isinstance(v, torch.Tensor)} for t in targets]
         losses = self.model(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            if self.hparams.nan_policy == "raise":
-                raise FloatingPointError(
-                    f"non-finite training loss {loss.item()} at global step {self.global_step} (epoch "
-                    f"{self.current_epoch}, batch {batch_idx}): {terms}. Lower the learning rate, add "
-                    "warm-up, or set model.nan_policy=skip to skip such batches")
-            self.skipped_steps += 1
-            warnings.warn(f"skipping non-finite loss at global step {self.global_step}: {terms}", stacklevel=1)
-            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=len(images))
-            # zero loss still tied to every parameter, so DDP's gradient sync stays in step
-            return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
         bs = len(images)
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            self.consecutive_skips = 0
+        else:
+            self._non_finite_loss(loss, losses, batch_idx)
+        # a skipped step logs its loss as it is (NaN / inf): a log never shows a stale finite value
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         for k, v in losses.items():
-            self.log(f"train/{k}", v, batch_size=bs)
-        return loss
+            self.log(f"train/{k}", v.detach(), batch_size=bs)
+        if self.hparams.nan_policy == "skip":
+            self.log("train/skipped", 0.0 if finite else 1.0, batch_size=bs)
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=bs)
+        if finite:
+            return loss
+        # zero loss still tied to every parameter, so DDP's gradient sync stays in step
+        return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
 
-    def configure_optimizers(self):
-        return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory,
-                                    self.hparams.scheduler_interval)
+    def _non_finite_loss(self, loss: torch.Tensor, losses: dict, batch_idx: int) -> None:
+        """Raise, or count a skip; raise anyway when skipping cannot help (see ``nan_policy``)."""
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        where = f"at global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if self.hparams.nan_policy == "raise":
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} {where}: {terms}. Lower the learning rate, add "
+                "warm-up, or set model.nan_policy=skip to skip such batches")
+        bad = next((n for n, p in self.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise FloatingPointError(
+                f"non-finite training loss {where} and non-finite weights ({bad}): the model diverged, "
+                f"so every later batch would be skipped ({self.skipped_steps} skipped before). Lower the "
+                "learning rate or add warm-up, and restart from an earlier checkpoint")
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips > self.hparams.max_consecutive_skips:
+            raise FloatingPointError(
+                f"non-finite training loss {where}: {self.consecutive_skips} batches in a row, more than "
+                f"max_consecutive_skips={self.hparams.max_consecutive_skips} ({self.skipped_steps} skipped in "
+                f"all); stopping. Loss terms: {terms}")
+        warnings.warn(f"skipping non-finite loss {where} ({self.consecutive_skips} in a row): {terms}",
+                      stacklevel=1)
 
     # -- evaluation -----------------------------------------------------------------------------
     def _categories(self):

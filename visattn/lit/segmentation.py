@@ -1,15 +1,23 @@
 """LightningModule for semantic segmenters (torchvision DeepLabV3 / FCN API)."""
 from __future__ import annotations
 
-import lightning as L
+import math
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from .detection import configure_optimizers
+from .detection import (
+    INTERVALS,
+    CheckedModule,
+    _check_choice,
+    _check_factory,
+    _check_int,
+    _check_model,
+)
 
-__all__ = ["IGNORE_INDEX", "SegmentationModule", "pad_batch"]
+__all__ = ["IGNORE_INDEX", "SegmentationModule", "pad_batch", "segmenter_num_classes"]
 
 IGNORE_INDEX = 255
 
@@ -26,19 +34,47 @@ def pad_batch(images: list[torch.Tensor], targets: list[dict]) -> tuple[torch.Te
     return x, y
 
 
-class SegmentationModule(L.LightningModule):
+def segmenter_num_classes(model: nn.Module) -> int | None:
+    """Classes (background included) a torchvision-style segmenter predicts, or None if unknown."""
+    classifier = getattr(model, "classifier", None)
+    last = classifier[-1] if isinstance(classifier, nn.Sequential) and len(classifier) else classifier
+    return last.out_channels if isinstance(last, nn.Conv2d) else None
+
+
+class SegmentationModule(CheckedModule):
     """Train a segmenter (``model(x)["out"]``, optional ``"aux"``) with cross-entropy; validate with
     mean IoU over classes present in ground truth or prediction.
 
     Targets need ``semantic`` label maps: ``CocoDataModule(..., semantic=True)`` builds them from
     instance masks (0 = background, 1..K = categories). Logged: ``train/loss``, ``val/mIoU``,
     ``val/pixel_acc``.
+
+    Args:
+        model: a built segmenter (:func:`visattn.models.build_segmenter`).
+        num_classes: classes the model predicts, background included (>= 2); checked against the
+            model's classifier where it can be found.
+        optimizer, scheduler, scheduler_interval: as in :class:`~visattn.lit.DetectionModule`.
+        aux_weight: weight (>= 0) of the auxiliary head's loss.
+
+    A non-finite loss raises ``FloatingPointError``; checkpoints are checked as described in
+    :class:`~visattn.lit.detection.CheckedModule`.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, optimizer: OptimizerCallable | None = None,
                  scheduler: LRSchedulerCallable | None = None, scheduler_interval: str = "epoch",
                  aux_weight: float = 0.5) -> None:
         super().__init__()
+        _check_model(model)
+        _check_int("num_classes", num_classes, 2)
+        _check_factory("optimizer", optimizer)
+        _check_factory("scheduler", scheduler)
+        _check_choice("scheduler_interval", scheduler_interval, INTERVALS)
+        if isinstance(aux_weight, bool) or not isinstance(aux_weight, int | float) or not 0 <= aux_weight < math.inf:
+            raise ValueError(f"aux_weight must be a finite number >= 0, got {aux_weight!r:.60}")
+        have = segmenter_num_classes(model)
+        if have is not None and have != num_classes:
+            raise ValueError(f"num_classes={num_classes} but the model's classifier predicts {have} classes "
+                             "(background included); build both with the same num_classes")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -77,7 +113,3 @@ class SegmentationModule(L.LightningModule):
         miou = (tp[present] / union[present]).mean() if present.any() else torch.tensor(0.0)
         acc = tp.sum() / conf.sum().clamp(min=1)
         self.log_dict({"val/mIoU": float(miou), "val/pixel_acc": float(acc)}, prog_bar=True)
-
-    def configure_optimizers(self):
-        return configure_optimizers(self, self.optimizer_factory, self.scheduler_factory,
-                                    self.hparams.scheduler_interval)
