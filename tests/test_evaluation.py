@@ -205,7 +205,7 @@ def test_bad_predictions_are_errors(synth, tmp_path):
         evaluate(synth, [good[0], {"image_id": 1}])
     with pytest.raises(ValueError, match="iou_type"):
         evaluate(synth, good, iou_type="keypoints")
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match="backend must be one of"):
         evaluate(synth, good, backend="detectron")
     bad = tmp_path / "bad.json"
     bad.write_text("[{")

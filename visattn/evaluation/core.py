@@ -10,6 +10,8 @@ import contextlib
 import copy
 import io
 import json
+import math
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -39,6 +41,57 @@ OCCLUSION_BUCKETS: dict[str, tuple[float, float]] = {
 }
 _EPS = 1e-9
 BACKENDS = ("pycocotools", "faster_coco_eval")
+IOU_TYPES = ("bbox", "segm")
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks: each names the bad argument and what was expected
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)
+
+
+def _finite(v) -> bool:
+    return _is_real(v) and math.isfinite(v)
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``; else ``ValueError`` (``TypeError`` if not a str)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {', '.join(map(repr, choices))}, got {type(value).__name__} {value!r:.60}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r:.60}")
+    return bool(value)
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r:.60}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(name: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
+    """``value`` as a float if it is a finite number in the interval; else an error naming ``name``."""
+    span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a finite number in {span}, got {type(value).__name__} {value!r:.60}")
+    inside = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+    if not (math.isfinite(value) and inside):
+        raise ValueError(f"{name} must be a finite number in {span}, got {value!r}")
+    return float(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -46,51 +99,169 @@ BACKENDS = ("pycocotools", "faster_coco_eval")
 
 
 def _backend(name: str):
+    check_choice("backend", name, BACKENDS)
     if name == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
         return COCO, COCOeval
-    if name == "faster_coco_eval":
-        from faster_coco_eval import COCO, COCOeval_faster
-        return COCO, COCOeval_faster
-    raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    from faster_coco_eval import COCO, COCOeval_faster
+    return COCO, COCOeval_faster
 
 
-def load_gt(gt) -> dict:
-    """The ground-truth dataset dict from a path, a dict or a loaded ``COCO`` object."""
+def _check_iou_type(iou_type) -> str:
+    return check_choice("iou_type", iou_type, IOU_TYPES)
+
+
+def load_gt(gt, *, iou_type: str | None = None) -> dict:
+    """The ground-truth dataset dict from a path, a dict or a loaded ``COCO`` object, checked.
+
+    Checks (errors name the entry): ``images``/``categories``/``annotations`` are lists; image,
+    category and annotation ids are unique ints; every annotation refers to a known image and
+    category and has a finite ``bbox`` ``[x, y, w, h]`` with ``w, h >= 0``, a finite ``area >= 0``,
+    ``iscrowd`` 0 or 1 and, where present, a finite ``occlusion`` in [0, 1]. With
+    ``iou_type="segm"`` every image needs ``height``/``width`` and every annotation a polygon list
+    or an RLE ``segmentation``. The dict is returned as given (not copied, not reordered).
+    """
+    if iou_type is not None:
+        _check_iou_type(iou_type)
     if hasattr(gt, "dataset") and isinstance(gt.dataset, dict):
-        return gt.dataset
-    if isinstance(gt, dict):
-        return gt
-    from ..data.coco import load_coco
-    return load_coco(gt)
+        data, source = gt.dataset, "gt (COCO object)"
+    elif isinstance(gt, dict):
+        data, source = gt, "gt"
+    elif isinstance(gt, str | os.PathLike):
+        from ..data.coco import load_coco
+        data, source = load_coco(gt), f"gt {os.fspath(gt)!r}"
+    else:
+        raise TypeError(f"gt must be a COCO instances JSON path, its dict or a pycocotools COCO, "
+                        f"got {type(gt).__name__}")
+    _check_gt(data, source, iou_type)
+    return data
+
+
+def _gt_fail(source: str, what: str) -> None:
+    raise ValueError(f"{source}: {what}")
+
+
+def _check_ids(data: dict, key: str, source: str) -> set:
+    items = data.get(key, [] if key == "annotations" else None)
+    if not isinstance(items, list):
+        _gt_fail(source, f"'{key}' must be a list, got {type(items).__name__}")
+    ids: set = set()
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not _is_int(item.get("id")):
+            _gt_fail(source, f"{key}[{i}] needs an int 'id', got {item!r:.120}")
+        if item["id"] in ids:
+            _gt_fail(source, f"{key}[{i}] repeats id {item['id']}")
+        ids.add(item["id"])
+    return ids
+
+
+def _check_gt_segmentation(segm, where: str, source: str) -> None:
+    if isinstance(segm, list):
+        ok = bool(segm) and all(isinstance(poly, list | tuple) and len(poly) >= 6 and len(poly) % 2 == 0
+                                and all(_finite(v) for v in poly) for poly in segm)
+    else:
+        ok = isinstance(segm, dict) and isinstance(segm.get("counts"), str | bytes | list) \
+            and isinstance(segm.get("size"), list | tuple) and len(segm["size"]) == 2
+    if not ok:
+        _gt_fail(source, f"{where} segmentation must be polygons (lists of >= 3 finite x, y pairs) or an "
+                         f"RLE dict with 'size' and 'counts', got {segm!r:.120}")
+
+
+def _check_gt(data, source: str, iou_type: str | None) -> None:
+    if not isinstance(data, dict):
+        raise TypeError(f"{source} must be a COCO dataset dict, got {type(data).__name__}")
+    image_ids, cat_ids = _check_ids(data, "images", source), _check_ids(data, "categories", source)
+    _check_ids(data, "annotations", source)
+    sizes = {}
+    for i, im in enumerate(data["images"]):
+        h, w = im.get("height"), im.get("width")
+        if (h is not None or w is not None or iou_type == "segm") and not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
+            _gt_fail(source, f"images[{i}] (id={im['id']}) needs int 'height' and 'width' >= 1, got {h!r}, {w!r}")
+        sizes[im["id"]] = (h, w)
+    for i, a in enumerate(data.get("annotations", [])):
+        where = f"annotations[{i}] (id={a['id']}, image_id={a.get('image_id')!r})"
+        if a.get("image_id") not in image_ids:
+            _gt_fail(source, f"{where} refers to an image id not in 'images'")
+        if a.get("category_id") not in cat_ids:
+            _gt_fail(source, f"{where} refers to category id {a.get('category_id')!r}, not in 'categories'")
+        box = a.get("bbox")
+        if not (isinstance(box, list | tuple) and len(box) == 4 and all(_finite(v) for v in box)
+                and box[2] >= 0 and box[3] >= 0):
+            _gt_fail(source, f"{where} bbox must be 4 finite numbers [x, y, w, h] with w, h >= 0, got {box!r:.120}")
+        if not (_finite(a.get("area")) and a["area"] >= 0):
+            _gt_fail(source, f"{where} area must be a finite number >= 0, got {a.get('area')!r}")
+        crowd = a.get("iscrowd", 0)
+        if not (isinstance(crowd, bool) or _is_int(crowd)) or crowd not in (0, 1):
+            _gt_fail(source, f"{where} iscrowd must be 0 or 1, got {a.get('iscrowd')!r}")
+        if "occlusion" in a and not (_finite(a["occlusion"]) and 0 <= a["occlusion"] <= 1):
+            _gt_fail(source, f"{where} occlusion must be a finite number in [0, 1], got {a['occlusion']!r}")
+        if iou_type == "segm":
+            if "segmentation" not in a:
+                _gt_fail(source, f"{where} has no 'segmentation' (needed for iou_type='segm')")
+            _check_gt_segmentation(a["segmentation"], where, source)
 
 
 def load_predictions(predictions) -> list[dict]:
-    """A list of COCO result dicts from a list or a results JSON path."""
+    """A list of COCO result dicts from a list or a results JSON path (entries are checked by the
+    functions that use them, against the ground truth)."""
     if isinstance(predictions, str | os.PathLike):
         path = Path(predictions)
         if not path.is_file():
             raise FileNotFoundError(f"predictions file not found: {path}")
         try:
             predictions = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(predictions, list):
+            # the file's content is wrong, not the argument's type
+            raise ValueError(f"{path}: must hold a list of COCO result dicts, got {type(predictions).__name__}")  # noqa: TRY004
+    if isinstance(predictions, tuple):
+        predictions = list(predictions)
     if not isinstance(predictions, list):
-        raise ValueError(f"predictions must be a list of COCO result dicts, got {type(predictions).__name__}")
+        raise TypeError(f"predictions must be a list of COCO result dicts or a results JSON path, "
+                        f"got {type(predictions).__name__}")
     return predictions
 
 
+def _check_rle(segm) -> bool:
+    return (isinstance(segm, dict) and isinstance(segm.get("counts"), str | bytes)
+            and isinstance(segm.get("size"), list | tuple) and len(segm["size"]) == 2
+            and all(_is_int(v) and v > 0 for v in segm["size"]))
+
+
+def _check_entry(i: int, p, iou_type: str, need: tuple[str, ...], with_box: bool) -> None:
+    """One prediction's types and values; the error names its index and image id."""
+    if not isinstance(p, dict) or any(k not in p for k in need):
+        raise ValueError(f"predictions[{i}] needs keys {', '.join(need)} for iou_type={iou_type!r}, "
+                         f"got {p!r:.160}")
+    where = f"predictions[{i}] (image_id={p['image_id']!r})"
+    for key in ("image_id", "category_id"):
+        if not _is_int(p[key]):
+            raise ValueError(f"{where}: {key} must be an int, got {type(p[key]).__name__} {p[key]!r:.60}")
+    if not _finite(p["score"]):
+        raise ValueError(f"{where}: score must be a finite number, got {type(p['score']).__name__} {p['score']!r:.60}")
+    if ("bbox" in p) != with_box:
+        raise ValueError(f"{where}: {'has no' if with_box else 'has a'} 'bbox' where predictions[0] "
+                         f"{'has one' if with_box else 'has none'}; give every prediction a box or none")
+    if with_box:
+        b = p["bbox"]
+        if not (isinstance(b, list | tuple) and len(b) == 4 and all(_finite(v) for v in b)):
+            raise ValueError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {b!r:.120}")
+        if b[2] < 0 or b[3] < 0:
+            raise ValueError(f"{where}: bbox width and height must be >= 0, got {b!r:.120}")
+    if iou_type == "segm" and not _check_rle(p["segmentation"]):
+        raise ValueError(f"{where}: segmentation must be a compressed RLE dict {{'size': [h, w], 'counts': str}} "
+                         f"(pycocotools.mask.encode), got {p['segmentation']!r:.120}")
+
+
 def _check_predictions(gt: dict, preds: list[dict], iou_type: str) -> None:
+    """Every prediction well formed and finite (the first bad one is named), and its image and
+    category known to ``gt``; a warning when the boxes look like ``[x1, y1, x2, y2]``."""
     need = ("image_id", "category_id", "score", "bbox" if iou_type == "bbox" else "segmentation")
+    with_box = iou_type == "bbox" or (bool(preds) and isinstance(preds[0], dict) and "bbox" in preds[0])
     for i, p in enumerate(preds):
-        if not isinstance(p, dict) or any(k not in p for k in need):
-            raise ValueError(f"predictions[{i}] needs keys {', '.join(need)} for iou_type={iou_type!r}, "
-                             f"got {p!r:.160}")
-        if iou_type == "bbox":
-            b = p["bbox"]
-            if not isinstance(b, Sequence) or len(b) != 4 or not all(np.isfinite(v) for v in b):
-                raise ValueError(f"predictions[{i}] bbox must be 4 finite numbers [x, y, w, h], got {b!r}")
+        _check_entry(i, p, iou_type, need, with_box)
     images = {im["id"]: im for im in gt["images"]}
     cats = {c["id"] for c in gt["categories"]}
     bad_img = sorted({p["image_id"] for p in preds} - set(images), key=str)
@@ -100,7 +271,14 @@ def _check_predictions(gt: dict, preds: list[dict], iou_type: str) -> None:
     if bad_cat:
         raise ValueError(f"predictions refer to category id(s) not in the ground truth: {bad_cat[:10]} "
                          f"(known: {sorted(cats)[:20]}...)")
-    if iou_type == "bbox":
+    if iou_type == "segm":
+        for i, p in enumerate(preds):
+            im = images[p["image_id"]]
+            if list(p["segmentation"]["size"]) != [im["height"], im["width"]]:
+                raise ValueError(f"predictions[{i}] (image_id={p['image_id']!r}): segmentation size "
+                                 f"{list(p['segmentation']['size'])} differs from the image's "
+                                 f"[height, width] {[im['height'], im['width']]}")
+    if with_box:
         past = 0
         for p in preds:
             im = images[p["image_id"]]
@@ -112,6 +290,43 @@ def _check_predictions(gt: dict, preds: list[dict], iou_type: str) -> None:
                 f"{past} of {len(preds)} predicted boxes run past the image edge; COCO boxes are "
                 "[x, y, width, height] - these look like [x1, y1, x2, y2] (convert with "
                 "torchvision.ops.box_convert(boxes, 'xyxy', 'xywh'))", stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------------
+# Canonical order: COCOeval breaks tied scores (and equal IoUs) by list order, so every entry point
+# sorts its inputs first; results are then the same for any permutation of them.
+
+
+def _pred_key(p: dict, iou_type: str) -> tuple:
+    box = tuple(float(v) for v in p.get("bbox", ()))
+    segm = ()
+    if iou_type == "segm":
+        counts = p["segmentation"]["counts"]
+        segm = (tuple(p["segmentation"]["size"]), counts.decode("ascii") if isinstance(counts, bytes) else counts)
+    return (p["image_id"], p["category_id"], -float(p["score"]), box, segm)
+
+
+def canonical_order(preds: list[dict], iou_type: str) -> list[int]:
+    """Indices that sort ``preds`` by image id, category id, descending score, then box and mask:
+    a total order up to entries that are equal in everything COCOeval reads."""
+    return sorted(range(len(preds)), key=lambda i: _pred_key(preds[i], iou_type))
+
+
+def canonical_gt(gt: dict) -> dict:
+    """A shallow copy of ``gt`` with images, categories and annotations sorted by id (annotations
+    copied one level, so evaluators may write into them)."""
+    by_id = lambda x: x["id"]
+    return {**gt, "images": sorted(gt["images"], key=by_id), "categories": sorted(gt["categories"], key=by_id),
+            "annotations": sorted((dict(a) for a in gt.get("annotations", [])), key=by_id)}
+
+
+def prepare(gt, predictions, iou_type: str) -> tuple[dict, list[dict]]:
+    """Load, check and canonically order the ground truth and predictions of a public entry point."""
+    _check_iou_type(iou_type)
+    gt_data = load_gt(gt, iou_type=iou_type)
+    preds = load_predictions(predictions)
+    _check_predictions(gt_data, preds, iou_type)
+    return canonical_gt(gt_data), [preds[i] for i in canonical_order(preds, iou_type)]
 
 
 def _coco(cls, dataset: dict):
@@ -234,11 +449,17 @@ def _attach_rles(gt: dict) -> None:
             a["_rle"] = segm
 
 
-def occluded_recall(gt: dict, preds: list[dict], *, iou_type: str = "bbox", min_occlusion: float = 0.1,
-                    score_thr: float = 0.3, iou_thr: float = 0.75) -> dict:
-    """Fraction of occluded ground truth (``occlusion > min_occlusion``, non-crowd) that some
-    same-class prediction with ``score >= score_thr`` overlaps with ``IoU >= iou_thr``. No one-to-one
-    matching and no false-positive penalty, as in Occluded/Separated COCO; read it next to AP."""
+def _check_recall_args(min_occlusion, score_thr, iou_thr) -> None:
+    check_real("min_occlusion", min_occlusion, 0.0, 1.0, hi_open=True)
+    if not _finite(score_thr):
+        raise (ValueError if _is_real(score_thr) else TypeError)(
+            f"score_thr must be a finite number, got {type(score_thr).__name__} {score_thr!r:.60}")
+    check_real("iou_thr", iou_thr, 0.0, 1.0, lo_open=True)
+
+
+def _occluded_recall(gt: dict, preds: list[dict], iou_type: str, min_occlusion: float, score_thr: float,
+                     iou_thr: float) -> dict:
+    """:func:`occluded_recall` on checked inputs (``gt``'s annotations are written to, then restored)."""
     by_key: dict[tuple, list[dict]] = {}
     for p in preds:
         if p["score"] >= score_thr:
@@ -258,8 +479,48 @@ def occluded_recall(gt: dict, preds: list[dict], *, iou_type: str = "bbox", min_
             "min_occlusion": min_occlusion, "score_thr": score_thr, "iou_thr": iou_thr}
 
 
+def occluded_recall(gt, preds, *, iou_type: str = "bbox", min_occlusion: float = 0.1,
+                    score_thr: float = 0.3, iou_thr: float = 0.75) -> dict:
+    """Fraction of occluded ground truth (``occlusion > min_occlusion``, non-crowd) that some
+    same-class prediction with ``score >= score_thr`` overlaps with ``IoU >= iou_thr``. No one-to-one
+    matching and no false-positive penalty, as in Occluded/Separated COCO; read it next to AP.
+
+    ``gt`` and ``preds`` are taken and checked as by :func:`evaluate`; ``min_occlusion`` must lie
+    in [0, 1), ``iou_thr`` in (0, 1] and ``score_thr`` be finite, else an error naming it.
+    ``recall`` is -1 when no object is occluded.
+    """
+    _check_recall_args(min_occlusion, score_thr, iou_thr)
+    gt_data, preds = prepare(gt, preds, iou_type)
+    return _occluded_recall(gt_data, preds, iou_type, min_occlusion, score_thr, iou_thr)
+
+
 # --------------------------------------------------------------------------------------------------
 # evaluate
+
+
+def _recall_kwargs(kwargs) -> dict:
+    """``occluded_recall_kwargs`` checked, with the defaults filled in."""
+    out = {"min_occlusion": 0.1, "score_thr": 0.3, "iou_thr": 0.75}
+    if kwargs is None:
+        return out
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"occluded_recall_kwargs must be a dict or None, got {type(kwargs).__name__}")
+    unknown = sorted(set(kwargs) - set(out), key=str)
+    if unknown:
+        raise TypeError(f"occluded_recall_kwargs: unknown key(s) {unknown}; valid: {', '.join(out)}")
+    out.update(kwargs)
+    _check_recall_args(**out)
+    return out
+
+
+def class_names(categories: list[dict]) -> dict:
+    """``{category id: name}``; a name shared by several categories gets its id appended, so that
+    per-class results never merge two classes."""
+    names = {c["id"]: str(c.get("name", c["id"])) for c in categories}
+    seen: dict[str, int] = {}
+    for n in names.values():
+        seen[n] = seen.get(n, 0) + 1
+    return {cid: (f"{n} (id {cid})" if seen[n] > 1 else n) for cid, n in names.items()}
 
 
 def evaluate(gt, predictions, *, iou_type: str = "bbox", backend: str = "pycocotools",
@@ -289,15 +550,26 @@ def evaluate(gt, predictions, *, iou_type: str = "bbox", backend: str = "pycocot
           (:func:`visattn.evaluation.errors.error_breakdown`);
         - ``curves``: precision at IoU 0.5 over the 101 recall thresholds, per size bin and bucket.
 
-    Errors: an unknown image or category id in the predictions raises ``ValueError`` naming them;
-    boxes that mostly run past the image edge (xyxy passed as xywh) raise a warning.
+    Errors: the ground truth is checked as by :func:`load_gt`; a prediction that is not a dict with
+    int ``image_id``/``category_id``, a finite number ``score``, a ``bbox`` of 4 finite numbers
+    with ``w, h >= 0`` (required for ``"bbox"``; all or none for ``"segm"``) and, for ``"segm"``,
+    a compressed RLE ``segmentation`` of its image's size raises ``ValueError`` naming the first
+    bad entry (index and image id); unknown image or category ids raise ``ValueError`` naming them;
+    a bad argument raises ``ValueError``/``TypeError`` naming it. Boxes that mostly run past the
+    image edge (xyxy passed as xywh) raise a warning.
+
+    Order: the predictions are sorted by image, category, descending score, box and mask, and the
+    ground truth by id, before any matching, so every number is the same for any order of the
+    predictions file or of the ground truth's lists (COCOeval alone breaks tied scores by list
+    order).
     """
-    if iou_type not in ("bbox", "segm"):
-        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     cls_coco, _ = _backend(backend)
-    gt_data = load_gt(gt)
-    preds = load_predictions(predictions)
-    _check_predictions(gt_data, preds, iou_type)
+    _check_iou_type(iou_type)
+    for name, flag in (("size_bins", size_bins), ("occlusion", occlusion), ("per_class", per_class),
+                       ("errors", errors)):
+        check_bool(name, flag)
+    recall_kwargs = _recall_kwargs(occluded_recall_kwargs)
+    gt_data, preds = prepare(gt, predictions, iou_type)
     counts_by = lambda rng, key="area": sum(
         1 for a in gt_data["annotations"] if not a.get("iscrowd", 0) and rng[0] <= a.get(key, -1) <= rng[1])
     result: dict = {"iou_type": iou_type, "backend": backend, "num_images": len(gt_data["images"]),
@@ -310,10 +582,9 @@ def evaluate(gt, predictions, *, iou_type: str = "bbox", backend: str = "pycocot
         if has_occ:
             result["occlusion"] = {k: {"AP": 0.0, "AR100": 0.0, "count": counts_by(occlusion_range(k), "occlusion")}
                                    for k in OCCLUSION_BUCKETS}
-            result["occluded_recall"] = occluded_recall(gt_data, preds, iou_type=iou_type,
-                                                        **(occluded_recall_kwargs or {}))
+            result["occluded_recall"] = _occluded_recall(gt_data, preds, iou_type, **recall_kwargs)
         if per_class:
-            result["per_class"] = {c.get("name", str(c["id"])): 0.0 for c in gt_data["categories"]}
+            result["per_class"] = dict.fromkeys(class_names(gt_data["categories"]).values(), 0.0)
         result["curves"] = {}
         return result
 
@@ -325,7 +596,7 @@ def evaluate(gt, predictions, *, iou_type: str = "bbox", backend: str = "pycocot
     result.update({k: float(v) for k, v in zip(STANDARD_KEYS, ev.stats[:12], strict=True)})
     curves: dict = {}
     if per_class:
-        names = {c["id"]: c.get("name", str(c["id"])) for c in gt_data["categories"]}
+        names = class_names(gt_data["categories"])
         result["per_class"] = {
             names[cid]: _mean_valid(ev.eval["precision"][:, :, k, 0, -1])
             for k, cid in enumerate(ev.params.catIds)}
@@ -349,10 +620,9 @@ def evaluate(gt, predictions, *, iou_type: str = "bbox", backend: str = "pycocot
             ap, ar = _ap_ar(ev_o, 0)
             result["occlusion"][name] = {"AP": ap, "AR100": ar, "count": counts_by((lo, hi), "occlusion")}
             curves[f"occlusion/{name}"] = _curve(ev_o, 0)
-        result["occluded_recall"] = occluded_recall(gt_data, preds, iou_type=iou_type,
-                                                    **(occluded_recall_kwargs or {}))
+        result["occluded_recall"] = _occluded_recall(gt_data, preds, iou_type, **recall_kwargs)
     if errors:
-        from .errors import error_breakdown
-        result["errors"] = error_breakdown(gt_data, preds, iou_type=iou_type, backend=backend)
+        from .errors import _error_breakdown
+        result["errors"] = _error_breakdown(gt_data, preds, iou_type, backend)
     result["curves"] = curves
     return result

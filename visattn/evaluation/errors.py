@@ -12,7 +12,11 @@ error type, by its best overlap with the ground truth of the same image:
 
 and ``missed`` is ground truth that no detection found or came near. Each type's cost is the AP50
 gained by an oracle that fixes only that type (relabel / snap to the object, or drop; for missed,
-forget those objects), computed with COCOeval, overall and per size bin.
+forget those objects), computed with COCOeval, overall and per size bin. When several errors point
+at one object, the oracle fixes the highest-scoring one and drops the others (as TIDE does).
+
+Inputs are put in a canonical order first (see :func:`visattn.evaluation.core.prepare`), so the
+numbers do not depend on the order of the predictions file or of the ground truth's lists.
 """
 from __future__ import annotations
 
@@ -20,7 +24,21 @@ import copy
 
 import numpy as np
 
-from .core import SIZE_BINS, _attach_rles, _backend, _coco, _evaluator, _iou, _load_res, _mean_valid
+from .core import (
+    SIZE_BINS,
+    _attach_rles,
+    _backend,
+    _coco,
+    _evaluator,
+    _iou,
+    _load_res,
+    _mean_valid,
+    canonical_order,
+    check_int,
+    load_gt,
+    load_predictions,
+    prepare,
+)
 
 __all__ = ["ERROR_TYPES", "classify_detections", "error_breakdown"]
 
@@ -28,9 +46,31 @@ ERROR_TYPES = ("classification", "localisation", "both", "duplicate", "backgroun
 FG, BG = 0.5, 0.1
 
 
-def classify_detections(gt: dict, preds: list[dict], *, iou_type: str = "bbox", max_dets: int = 100):
+def classify_detections(gt, preds, *, iou_type: str = "bbox", max_dets: int = 100):
     """Label each prediction ``"tp"``, ``"ignore"`` (on a crowd region) or an error type, with the
-    index of the ground-truth annotation it is about (or -1); and list the missed annotations."""
+    index of the ground-truth annotation it is about (or -1); and list the missed annotations.
+
+    Lists follow the caller's order (``kinds[i]`` is about ``preds[i]``, indices are into
+    ``gt["annotations"]``), but the matching runs in canonical order, so the labels do not depend
+    on it. Inputs are checked as by :func:`visattn.evaluation.evaluate`.
+    """
+    check_int("max_dets", max_dets, 1)
+    gt_data = load_gt(gt, iou_type=iou_type)
+    preds = load_predictions(preds)
+    canon_gt, canon_preds = prepare(gt_data, preds, iou_type)
+    p_order = canonical_order(preds, iou_type)
+    anns = gt_data.get("annotations", [])
+    g_order = sorted(range(len(anns)), key=lambda i: anns[i]["id"])  # canonical index -> caller's
+    kinds_c, target_c, missed_c = _classify(canon_gt, canon_preds, iou_type, max_dets)
+    kinds, target = [""] * len(preds), [-1] * len(preds)
+    for j, i in enumerate(p_order):
+        kinds[i], target[i] = kinds_c[j], (g_order[target_c[j]] if target_c[j] >= 0 else -1)
+    return kinds, target, sorted(g_order[j] for j in missed_c)
+
+
+def _classify(gt: dict, preds: list[dict], iou_type: str = "bbox", max_dets: int = 100):
+    """:func:`classify_detections` on checked, canonically ordered inputs (``gt``'s annotations are
+    written to and restored); ties in score or IoU go to the earlier entry."""
     anns = gt["annotations"]
     if iou_type == "segm":
         _attach_rles(gt)
@@ -98,17 +138,20 @@ def classify_detections(gt: dict, preds: list[dict], *, iou_type: str = "bbox", 
 
 
 def _fixed(gt: dict, preds: list[dict], kinds, target, missed, kind: str):
-    """The (gt, preds) an oracle for ``kind`` would produce."""
+    """The (gt, preds) an oracle for ``kind`` would produce. Where several errors point at one
+    object, the highest-scoring one is fixed (ties: the earlier in ``preds``) and the rest dropped."""
     if kind == "missed":
         drop = set(missed)
         return {**gt, "annotations": [a for i, a in enumerate(gt["annotations"]) if i not in drop]}, preds
     claimed = {t for k, t in zip(kinds, target, strict=True) if k == "tp"}
-    out = []
-    for p, k, t in zip(preds, kinds, target, strict=True):
-        if k != kind:
-            out.append(p)
-        elif kind in ("classification", "localisation") and t not in claimed:
-            q = copy.copy(p)
+    out: list[dict | None] = list(preds)
+    for i in sorted(range(len(preds)), key=lambda i: -preds[i]["score"]):
+        if kinds[i] != kind:
+            continue
+        t = target[i]
+        out[i] = None  # duplicate, both, background (and fixes whose object is already found): dropped
+        if kind in ("classification", "localisation") and t not in claimed:
+            q = copy.copy(preds[i])
             a = gt["annotations"][t]
             if kind == "classification":
                 q["category_id"] = a["category_id"]
@@ -117,9 +160,8 @@ def _fixed(gt: dict, preds: list[dict], kinds, target, missed, kind: str):
                 if "segmentation" in q and "_rle_fix" in a:
                     q["segmentation"] = a["_rle_fix"]
             claimed.add(t)
-            out.append(q)
-        # duplicate, both, background (and fixes whose object is already found): dropped
-    return gt, out
+            out[i] = q
+    return gt, [q for q in out if q is not None]
 
 
 def _ap50_by_bin(backend: str, gt: dict, preds: list[dict], iou_type: str) -> dict[str, float]:
@@ -132,10 +174,21 @@ def _ap50_by_bin(backend: str, gt: dict, preds: list[dict], iou_type: str) -> di
     return {name: max(_mean_valid(ev.eval["precision"][:, :, :, a, -1]), 0.0) for a, name in enumerate(rngs)}
 
 
-def error_breakdown(gt: dict, preds: list[dict], *, iou_type: str = "bbox", backend: str = "pycocotools") -> dict:
+def error_breakdown(gt, preds, *, iou_type: str = "bbox", backend: str = "pycocotools") -> dict:
     """AP50 lost to each error type (``delta_AP50``, in AP points 0..1), the number of detections
-    (or objects, for ``missed``) of each type, overall and per size bin; see the module docstring."""
-    kinds, target, missed = classify_detections(gt, preds, iou_type=iou_type)
+    (or objects, for ``missed``) of each type, overall and per size bin; see the module docstring.
+
+    ``gt`` and ``preds`` are taken and checked as by :func:`visattn.evaluation.evaluate`; the
+    result is the same for any order of either.
+    """
+    _backend(backend)
+    gt_data, preds = prepare(gt, preds, iou_type)
+    return _error_breakdown(gt_data, preds, iou_type, backend)
+
+
+def _error_breakdown(gt: dict, preds: list[dict], iou_type: str, backend: str) -> dict:
+    """:func:`error_breakdown` on checked, canonically ordered inputs."""
+    kinds, target, missed = _classify(gt, preds, iou_type)
     if iou_type == "segm":  # give the localisation oracle the object's mask as RLE
         gt = {**gt, "annotations": [dict(a) for a in gt["annotations"]]}
         _attach_rles(gt)
