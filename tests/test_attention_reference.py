@@ -166,6 +166,36 @@ def test_nonlocal_plain_and_identity_at_init():
     torch.testing.assert_close(block(x), x + y, rtol=1e-4, atol=1e-5)
 
 
+def _pool2x2(t, floor):
+    """2x2 max-pool written out: window (i, j) covers rows 2i..2i+1 and columns 2j..2j+1; a window
+    that runs past an odd edge keeps what is inside (``floor=False``) or is dropped (``floor=True``,
+    the authors' nn.MaxPool2d(2))."""
+    h, w = t.shape[-2:]
+    rows = range(0, h - 1 if floor else h, 2)
+    cols = range(0, w - 1 if floor else w, 2)
+    return torch.stack([torch.stack([t[..., i:i + 2, j:j + 2].amax((-2, -1)) for j in cols], -1)
+                        for i in rows], -2)
+
+
+@pytest.mark.parametrize("size", [(4, 6), (5, 7), (1, 3)])
+def test_nonlocal_sub_sample_pools_odd_edges_on_their_own(size):
+    """Pins the documented departure: on even sizes sub-sampling equals the authors' 2x2 pool; on
+    odd sizes the last row/column is pooled on its own instead of dropped, so 1-pixel maps work."""
+    h, w = size
+    block = randomize_(visattn.create_block("nonlocal", 16, sub_sample=True), scale=0.2)
+    x = torch.randn(2, 16, h, w)
+    conv = lambda m, t: F.conv2d(t, m.weight, m.bias)
+    keys_in = _pool2x2(x, floor=False)
+    if h % 2 == 0 and w % 2 == 0:
+        torch.testing.assert_close(keys_in, _pool2x2(x, floor=True))
+    assert keys_in.shape[-2:] == (-(-h // 2), -(-w // 2))
+    tok = lambda t: t.flatten(2).transpose(1, 2)
+    y = full_attention(tok(conv(block.theta, x)), tok(conv(block.phi, keys_in)),
+                       tok(conv(block.g, keys_in)), 1.0)
+    y = F.conv2d(y.transpose(1, 2).reshape(2, 8, h, w), block.w_z.weight, block.w_z.bias)
+    torch.testing.assert_close(block(x), x + y, rtol=1e-4, atol=1e-5)
+
+
 def test_external_attention_double_normalisation():
     block = randomize_(visattn.create_block("external", 16, memory=8), scale=0.3).eval()
     x = torch.randn(2, 16, 4, 5)

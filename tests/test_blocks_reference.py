@@ -225,7 +225,42 @@ def test_cbam_equations():
 
     mc = torch.sigmoid(mlp(x.mean((2, 3), keepdim=True)) + mlp(x.amax((2, 3), keepdim=True)))
     x1 = x * mc
-    pooled = torch.cat([x1.mean(1, keepdim=True), x1.amax(1, keepdim=True)], 1)
+    pooled = torch.cat([x1.amax(1, keepdim=True), x1.mean(1, keepdim=True)], 1)  # authors: [max, mean]
     ms = torch.sigmoid(bn(conv(pooled, block.spatial.conv), block.spatial.bn))
     torch.testing.assert_close(block(x), x1 * ms)
     assert math.isclose(block.spatial.conv.kernel_size[0], 7)
+
+
+def test_cbam_loads_the_authors_layout_unchanged():
+    """The authors' CBAM (github.com/Jongchan/attention-module): ChannelGate's MLP of two Linear
+    layers with biases, SpatialGate's ChannelPool ``cat(max_c, mean_c)`` into a 7x7 conv without
+    bias and a BatchNorm of momentum 0.01. Their weights load as they are (no channel swap) and give
+    their equations' output; a training step moves the running mean by 1% of the batch mean."""
+    c, r = 32, 16
+    g = torch.Generator().manual_seed(1)
+    w1, b1 = torch.randn(c // r, c, generator=g) * 0.3, torch.randn(c // r, generator=g) * 0.1
+    w2, b2 = torch.randn(c, c // r, generator=g) * 0.3, torch.randn(c, generator=g) * 0.1
+    w_sp = torch.randn(1, 2, 7, 7, generator=g) * 0.2  # input channel 0: max, 1: mean
+    gamma, beta = torch.tensor([1.3]), torch.tensor([-0.2])
+    mean, var = torch.tensor([0.1]), torch.tensor([0.8])
+
+    block = visattn.create_block("cbam", c, mlp_bias=True).eval()
+    block.load_state_dict({
+        "channel.fc1.weight": w1[..., None, None], "channel.fc1.bias": b1,
+        "channel.fc2.weight": w2[..., None, None], "channel.fc2.bias": b2,
+        "spatial.conv.weight": w_sp, "spatial.bn.weight": gamma, "spatial.bn.bias": beta,
+        "spatial.bn.running_mean": mean, "spatial.bn.running_var": var,
+        "spatial.bn.num_batches_tracked": torch.tensor(0),
+    })
+    x = torch.randn(2, c, 6, 5, generator=g)
+
+    def mlp(v):  # (N, C)
+        return F.relu(v @ w1.T + b1) @ w2.T + b2
+
+    x1 = x * torch.sigmoid(mlp(x.mean((2, 3))) + mlp(x.amax((2, 3))))[..., None, None]
+    z = F.conv2d(torch.cat([x1.amax(1, keepdim=True), x1.mean(1, keepdim=True)], 1), w_sp, padding=3)
+    y = x1 * torch.sigmoid((z - mean) / torch.sqrt(var + 1e-5) * gamma + beta)
+    torch.testing.assert_close(block(x), y, rtol=1e-5, atol=1e-6)
+
+    block.train()(x)
+    torch.testing.assert_close(block.spatial.bn.running_mean, 0.99 * mean + 0.01 * z.mean().reshape(1))

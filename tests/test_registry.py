@@ -54,9 +54,10 @@ def test_keyword_reaches_block():
     assert visattn.create_block("eca", 64, kernel_size=7).conv.kernel_size == (7,)
 
 
-@pytest.mark.parametrize("channels", [0, -3, 2.5, "64", True])
-def test_bad_channels(channels):
-    with pytest.raises(ValueError, match="channels must be a positive int"):
+@pytest.mark.parametrize("channels,error", [(0, ValueError), (-3, ValueError), (2.5, TypeError),
+                                            ("64", TypeError), (True, TypeError)])
+def test_bad_channels(channels, error):
+    with pytest.raises(error, match="channels must be an int >= 1"):
         visattn.create_block("se", channels)
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx, nn
 
-from .registry import create_block
+from .registry import block_info, create_block, list_blocks
 
 __all__ = ["Blend", "find_residual_blocks", "plug"]
 
@@ -230,8 +230,9 @@ def find_residual_blocks(model: nn.Module) -> list[tuple[str, str, str, int]]:
 
     Returns ``(block, branch_end, stage, channels)``: the block's dotted name, the module that ends
     its residual branch (absolute name), the stage (the module holding the block as a child), and
-    the block's output channels.
+    the block's output channels. ``TypeError`` if ``model`` is not an ``nn.Module``.
     """
+    _check_model(model, "find_residual_blocks")
     found: list[tuple[str, str, str, int]] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
@@ -266,14 +267,11 @@ def _make(block: BlockSpec, channels: int, ref: nn.Module, block_kwargs: dict) -
     dd = {} if p is None else {"device": p.device, "dtype": p.dtype}
     if isinstance(block, str):
         attn = create_block(block, channels, **block_kwargs, **dd)
-    elif callable(block):
+    else:
         attn = block(channels, **block_kwargs)
         if not isinstance(attn, nn.Module):
             raise TypeError(f"plug: block factory returned {type(attn).__name__}, not an nn.Module")
         attn = attn.to(**dd)
-    else:
-        raise TypeError(f"plug: block must be a registered block name or a callable(channels) -> "
-                        f"nn.Module, got {type(block).__name__}")
     return Blend(attn, **dd)
 
 
@@ -282,8 +280,55 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _check_model(model: object, caller: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        hint = (f" (a name? build it first, e.g. timm.create_model({model!r}))"
+                if isinstance(model, str) else "")
+        raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}{hint}")
+    return model
+
+
+def _check_block(block: object) -> None:
+    if isinstance(block, str):
+        block_info(block)  # ValueError listing the registered blocks
+    elif not callable(block):
+        raise TypeError(f"plug: block must be a registered block name ({', '.join(list_blocks())}) or "
+                        f"a callable(channels) -> nn.Module, got {type(block).__name__}")
+
+
+def _choose_stages(stages: object, stage_names: list[str], model: nn.Module) -> list[str]:
+    """The stage names picked by 1-based ``stages`` (all when ``None``)."""
+    if stages is None:
+        return stage_names
+    if isinstance(stages, (str, bytes)) or not isinstance(stages, (int, Sequence)):
+        raise TypeError(f"plug: stages must be an int or a sequence of ints (1-based), got {stages!r}")
+    wanted = [stages] if isinstance(stages, int) else list(stages)
+    if not wanted:
+        raise ValueError("plug: stages is empty; give 1-based stage numbers, or None for all stages")
+    for s in wanted:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise TypeError(f"plug: stages must hold ints (1-based stage numbers), got {s!r} in {stages!r}")
+    bad = [s for s in wanted if not 1 <= s <= len(stage_names)]
+    if bad:
+        raise ValueError(f"plug: stages {bad} out of range; {type(model).__name__} has "
+                         f"{len(stage_names)} stages, numbered 1..{len(stage_names)} "
+                         f"({', '.join(stage_names)})")
+    return [stage_names[s - 1] for s in sorted(set(wanted))]
+
+
+def _existing_plug(model: nn.Module, name: str) -> str | None:
+    """The name of the :class:`Plugged` wrapper already at target ``name`` (an earlier ``plug``
+    put a block there), or ``None``."""
+    if isinstance(model.get_submodule(name), Plugged):
+        return name  # after_block: the branch's last layer is already wrapped
+    parent, _, child = name.rpartition(".")
+    if child == "module" and isinstance(model.get_submodule(parent), Plugged):
+        return parent  # after_stage: the stage is the wrapped module
+    return None
+
+
 def plug(model: nn.Module, block: BlockSpec, *, stages: int | Sequence[int] | None = None,
-         position: str = "after_block", **block_kwargs) -> list[str]:
+         position: str = "after_block", replace: bool = False, **block_kwargs) -> list[str]:
     """Insert ``block`` into every residual block (or stage) of ``model``, in place.
 
     Args:
@@ -295,38 +340,38 @@ def plug(model: nn.Module, block: BlockSpec, *, stages: int | Sequence[int] | No
             children include residual blocks (``layer1`` in torchvision, ``stages.0`` in byobnet).
         position: ``"after_block"`` puts the block on the residual branch after its last layer and
             before the add, as SE-ResNet does; ``"after_stage"`` puts it after each stage.
+        replace: where an earlier ``plug`` already put a block, swap it for the new one (a fresh
+            identity-initialised block). Without it, plugging a place twice is a ``ValueError``
+            naming the places; plugging other stages or the other position is always allowed.
         **block_kwargs: keyword arguments for the block.
 
     Returns:
-        The dotted names of the inserted attention modules.
+        The dotted names of the inserted (or, with ``replace``, replaced) attention modules.
 
     Right after ``plug`` the model computes what it computed before: each block sits behind a
-    zero-initialised :class:`Blend`. Raises ``ValueError`` when no residual block is found.
+    zero-initialised :class:`Blend`. Every argument is checked, and every block built, before the
+    model is changed: on any error the model is left as it was. Raises ``TypeError`` for a
+    ``model`` that is not an ``nn.Module`` (a model name, say), ``ValueError`` when no residual
+    block is found.
 
     Example:
         >>> m = torchvision.models.resnet18()
         >>> plug(m, "cbam", stages=[3, 4])[:1]
         ['layer3.0.bn2.attn']
     """
+    _check_model(model, "plug")
+    _check_block(block)
     if position not in ("after_block", "after_stage"):
         raise ValueError(f"plug: position must be 'after_block' or 'after_stage', got {position!r}")
+    if not isinstance(replace, bool):
+        raise TypeError(f"plug: replace must be a bool, got {replace!r}")
     found = find_residual_blocks(model)
     if not found:
         raise ValueError(
             f"plug: found no residual block in {type(model).__name__}; looked for modules whose forward "
             "adds a branch of convolutions to a shortcut of their input (ResNet-style blocks)")
     stage_names = list(dict.fromkeys(stage for _, _, stage, _ in found))
-    if stages is None:
-        chosen = stage_names
-    else:
-        wanted = [stages] if isinstance(stages, int) else list(stages)
-        bad = [s for s in wanted if isinstance(s, bool) or not isinstance(s, int)
-               or not 1 <= s <= len(stage_names)]
-        if bad:
-            raise ValueError(f"plug: stages {bad} out of range; {type(model).__name__} has "
-                             f"{len(stage_names)} stages, numbered 1..{len(stage_names)} "
-                             f"({', '.join(stage_names)})")
-        chosen = [stage_names[s - 1] for s in sorted(set(wanted))]
+    chosen = _choose_stages(stages, stage_names, model)
 
     if position == "after_block":
         targets = {end: ch for _, end, stage, ch in found if stage in chosen}
@@ -336,12 +381,28 @@ def plug(model: nn.Module, block: BlockSpec, *, stages: int | Sequence[int] | No
                              "module, but they are direct children of the model; use 'after_block'")
         targets = {stage: ch for _, _, stage, ch in found if stage in chosen}  # last block's width
 
-    inserted = []
+    existing = {name: _existing_plug(model, name) for name in targets}
+    taken = [f"{p}.attn" for p in existing.values() if p is not None]
+    if taken and not replace:
+        raise ValueError(
+            f"plug: {len(taken)} of these places already hold attention from an earlier plug "
+            f"({', '.join(taken[:4])}{', ...' if len(taken) > 4 else ''}); pass replace=True to swap "
+            "them for the new block, or choose other stages")
+
+    new_blocks = {}  # build every block first: an error leaves the model untouched
     for name, channels in targets.items():
         module = model.get_submodule(name)
         if channels is None:
             raise ValueError(f"plug: cannot tell the output channels of {name} "
                              f"({type(module).__name__}) from its graph or from a forward pass")
-        _replace(model, name, Plugged(module, _make(block, channels, module, block_kwargs)))
-        inserted.append(f"{name}.attn")
+        new_blocks[name] = _make(block, channels, module, block_kwargs)
+
+    inserted = []
+    for name, blend in new_blocks.items():
+        if existing[name] is not None:
+            model.get_submodule(existing[name]).attn = blend
+            inserted.append(f"{existing[name]}.attn")
+        else:
+            _replace(model, name, Plugged(model.get_submodule(name), blend))
+            inserted.append(f"{name}.attn")
     return inserted

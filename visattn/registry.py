@@ -6,12 +6,15 @@ as ``visattn`` is imported.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from . import layers as L
+from .layers._base import MAX_BLOCK_ELEMENTS, check_int
 
 __all__ = ["KINDS", "BlockInfo", "block_info", "create_block", "list_blocks"]
 
@@ -98,12 +101,33 @@ def block_info(name: str) -> BlockInfo:
         ) from None
 
 
+def _check_size(info: BlockInfo, channels: int, kwargs: dict) -> None:
+    """Build the block on the ``meta`` device (no memory) and refuse it if its parameters and
+    buffers would exceed :data:`~visattn.layers._base.MAX_BLOCK_ELEMENTS` elements."""
+    args = "".join(f", {k}={v!r}" for k, v in kwargs.items() if k not in ("device", "dtype"))
+    try:
+        with torch.device("meta"):
+            probe = info.cls(channels, **{**kwargs, "device": "meta"})
+    except (RuntimeError, OverflowError) as e:  # sizes past int64 (torch: "numel: ... overflow")
+        raise ValueError(f"create_block({info.name!r}, channels={channels}{args}) cannot be built: "
+                         f"{e}; check channels and the size arguments") from None
+    elements = sum(t.numel() for t in (*probe.parameters(), *probe.buffers()))
+    if elements > MAX_BLOCK_ELEMENTS:
+        raise ValueError(
+            f"create_block({info.name!r}, channels={channels}{args}) would hold {elements:.3g} "
+            f"parameter elements (about {elements * 4 / 2**30:.3g} GiB in float32), more than the "
+            f"limit of {MAX_BLOCK_ELEMENTS:.3g}; check channels and the size arguments")
+
+
 def create_block(name: str, channels: int, **kwargs) -> nn.Module:
     """Build the block ``name`` for ``channels`` input channels.
 
     Every block maps ``(N, C, H, W)`` to ``(N, C, H, W)`` with the input's dtype and device.
     Keyword arguments go to the block's constructor; one it does not take is a ``TypeError``
-    that lists the ones it does.
+    that lists the ones it does. ``channels`` and every size argument are checked before anything
+    is allocated: a wrong type is a ``TypeError``, a value out of range a ``ValueError``, and a
+    block that would hold more than ``MAX_BLOCK_ELEMENTS`` (2**31) parameter elements
+    (``create_block("se", 10**9)``) a ``ValueError``; each names the argument.
 
     Example:
         >>> block = create_block("cbam", 256, rd_ratio=1 / 8)
@@ -111,14 +135,16 @@ def create_block(name: str, channels: int, **kwargs) -> nn.Module:
         torch.Size([2, 256, 32, 32])
     """
     info = block_info(name)
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-        raise ValueError(f"{name}: channels must be a positive int, got {channels!r}")
+    check_int(channels, "channels", name)
     params = inspect.signature(info.cls).parameters
     unknown = sorted(set(kwargs) - set(params) - {"channels"})
     if unknown:
         valid = [p for p in params if p != "channels"]
+        close = sorted({m for k in unknown for m in difflib.get_close_matches(k, valid, n=2)})
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise TypeError(
-            f"{name} ({info.cls.__name__}) got unexpected keyword argument(s) {', '.join(unknown)}; "
+            f"{name} ({info.cls.__name__}) got unexpected keyword argument(s) {', '.join(unknown)}{hint}; "
             f"it takes: {', '.join(valid)}"
         )
+    _check_size(info, channels, kwargs)
     return info.cls(channels, **kwargs)

@@ -8,6 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._base import check_int
+
 __all__ = ["attend", "default_heads", "merge_heads", "sincos_2d", "split_heads"]
 
 
@@ -17,8 +19,10 @@ def default_heads(channels: int, min_head_dim: int = 16) -> int:
 
 
 def check_heads(channels: int, heads: int | None, block: str) -> int:
-    heads = default_heads(channels) if heads is None else heads
-    if heads < 1 or channels % heads:
+    """``heads``, or the default for ``channels``; an error naming ``heads`` unless it divides C."""
+    check_int(channels, "channels", block)
+    heads = default_heads(channels) if check_int(heads, "heads", block, optional=True) is None else heads
+    if channels % heads:
         raise ValueError(f"{block}: heads={heads} must be >= 1 and divide channels={channels}")
     return heads
 

@@ -10,20 +10,30 @@ then reads its input from memory once instead of two or three times. Training an
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 __all__ = [
+    "MAX_BLOCK_ELEMENTS",
     "AttentionBlock",
     "SafeBatchNorm2d",
+    "check_float",
     "check_input",
+    "check_int",
     "emit",
     "get_act_layer",
     "make_divisible",
 ]
+
+#: The most parameter and buffer elements :func:`visattn.create_block` builds for one block (2**31,
+#: 8 GiB in float32; the largest default block at 4096 channels holds about 2**26). Arguments that
+#: would need more (``create_block("se", 10**9)``) are refused before anything is allocated.
+MAX_BLOCK_ELEMENTS = 2**31
 
 # Bytes of input per inference chunk. A chunk's input plus the two or three same-sized temporaries
 # a block makes must stay in the last-level cache (32 MiB shared on the machines we measure on);
@@ -31,11 +41,75 @@ __all__ = [
 CHUNK_BYTES = 4 * 1024 * 1024
 
 
-def check_input(x: torch.Tensor, channels: int | None, block: str) -> None:
-    """Raise a clear error unless ``x`` is a non-empty ``(N, C, H, W)`` tensor with ``channels``
-    channels (``channels=None`` accepts any count)."""
+# --------------------------------------------------------------------------------------------------
+# Argument checks shared by every block and builder: the error names the argument and what it takes.
+
+
+def _where(block: str | None) -> str:
+    return f"{block}: " if block else ""
+
+
+def check_int(value: Any, name: str, block: str | None = None, *, low: int = 1,
+              high: int | None = None, optional: bool = False) -> int | None:
+    """Return ``value`` if it is an int in ``low..high`` (``None`` too when ``optional``).
+
+    A bool, float, string or other type is a ``TypeError``, an int out of range a ``ValueError``;
+    both name ``name`` (and ``block``, when given) and the range.
+    """
+    if value is None and optional:
+        return None
+    span = f">= {low}" if high is None else f"in {low}..{high}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{_where(block)}{name} must be an int {span}"
+                        f"{' or None' if optional else ''}, got {value!r} ({type(value).__name__})")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{_where(block)}{name} must be an int {span}, got {value}")
+    return value
+
+
+def check_float(value: Any, name: str, block: str | None = None, *, low: float = 0.0,
+                inclusive: bool = False, optional: bool = False) -> float | None:
+    """Return ``value`` as a float if it is a finite real number above ``low`` (or equal to it when
+    ``inclusive``); ``TypeError`` / ``ValueError`` naming ``name`` otherwise."""
+    if value is None and optional:
+        return None
+    op = ">=" if inclusive else ">"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{_where(block)}{name} must be a number {op} {low}, got {value!r} "
+                        f"({type(value).__name__})")
+    if not math.isfinite(value) or value < low or (value == low and not inclusive):
+        raise ValueError(f"{_where(block)}{name} must be a finite number {op} {low}, got {value}")
+    return float(value)
+
+
+def check_odd(value: Any, name: str, block: str) -> int:
+    """Return ``value`` if it is an odd int >= 1 (a kernel size with a centre)."""
+    check_int(value, name, block)
+    if value % 2 == 0:
+        raise ValueError(f"{block} needs an odd {name} >= 1, got {value}")
+    return value
+
+
+def check_input(x: torch.Tensor, channels: int | None, block: str,
+                param_dtype: torch.dtype | None = None) -> None:
+    """Raise a clear error unless ``x`` is a non-empty floating-point ``(N, C, H, W)`` tensor with
+    ``channels`` channels (``channels=None`` accepts any count).
+
+    With ``param_dtype`` (the block's parameters' dtype), an input of another dtype is a
+    ``TypeError`` outside ``torch.autocast``; under autocast any floating dtype is accepted, as
+    autocast casts per operation (the block returns the input's dtype).
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{block} expects a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{block} expects a floating-point tensor, got dtype {x.dtype}; convert it first "
+            "(an image: x.float() / 255)")
+    if (param_dtype is not None and x.dtype != param_dtype
+            and not torch.is_autocast_enabled(x.device.type)):
+        raise TypeError(
+            f"{block} has {param_dtype} parameters but got a {x.dtype} input; convert one of them "
+            f"(x.to({param_dtype}) or block.to({x.dtype})), or run it under torch.autocast")
     if x.ndim != 4:
         raise ValueError(
             f"{block} expects a 4-D tensor of shape (N, C, H, W), got a {x.ndim}-D tensor of shape "
@@ -105,11 +179,39 @@ class SafeBatchNorm2d(nn.BatchNorm2d):
         return super().forward(x)
 
 
+def _call_block(block: AttentionBlock, *args: Any) -> torch.Tensor:
+    """Run ``block``'s checked forward. ``torch.fx`` records a call of this function as one node
+    (it is wrapped below), so tracing a model that contains blocks works (for instance
+    ``torchvision.models.feature_extraction.create_feature_extractor``) without tracing into their
+    shape-dependent code; the block and its checks run when the traced module runs."""
+    return block._checked_forward(*args)
+
+
+fx.wrap("_call_block")
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of a parameter of ``module`` (its own, else its children's, breadth first), or
+    ``None`` if it has none. Reads the registries directly: ``next(module.parameters())`` costs
+    ~25 us per call, this ~1 us."""
+    queue = [module]
+    for m in queue:
+        for p in m._parameters.values():
+            if p is not None:
+                return p.dtype
+        queue.extend(m._modules.values())
+    return None
+
+
 class AttentionBlock(nn.Module):
     """Base class of every visattn block: ``(N, C, H, W) -> (N, C, H, W)``, same dtype and device.
 
     Subclasses set ``self.channels`` (``None`` for blocks without per-channel weights) and
     implement ``_forward(x, out=None)``; when ``out`` is given the result must be written into it.
+
+    The input must be a floating-point tensor of the parameters' dtype (any floating dtype under
+    ``torch.autocast``); anything else is a ``TypeError`` naming both dtypes, never a silent cast.
+    Under ``torch.fx`` tracing a block is one opaque call (see :func:`_call_block`).
     """
 
     channels: int | None
@@ -130,8 +232,17 @@ class AttentionBlock(nn.Module):
             and x.numel() * x.element_size() > CHUNK_BYTES
         )
 
+    def _refuse_root_trace(self, x: Any) -> None:
+        if isinstance(x, fx.Proxy) and x.tracer.root is self:
+            raise TypeError(f"{type(self).__name__} is traced by torch.fx as one call inside a model; "
+                            "trace a module that contains it (e.g. nn.Sequential(block)) instead")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.channels, type(self).__name__)
+        self._refuse_root_trace(x)
+        return _call_block(self, x)
+
+    def _checked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.channels, type(self).__name__, _param_dtype(self))
         if self._use_chunks(x):
             out = torch.empty_like(x)
             step = max(1, CHUNK_BYTES // (x[0].numel() * x.element_size()))

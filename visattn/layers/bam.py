@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import AttentionBlock, SafeBatchNorm2d, get_act_layer
+from ._base import AttentionBlock, SafeBatchNorm2d, check_int, get_act_layer
 
 __all__ = ["BottleneckAttention"]
 
@@ -43,8 +43,12 @@ class BottleneckAttention(AttentionBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        name = "BottleneckAttention"
+        self.channels = check_int(channels, "channels", name)
+        check_int(reduction, "reduction", name)
+        check_int(dilation, "dilation", name)
+        check_int(num_dilated, "num_dilated", name, low=0)
         dd = {"device": device, "dtype": dtype}
-        self.channels = channels
         mid = max(1, channels // reduction)
         self.channel_gate = nn.Sequential(
             nn.Conv2d(channels, mid, 1, **dd), SafeBatchNorm2d(mid, **dd), get_act_layer(act_layer),

@@ -9,7 +9,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import AttentionBlock, SafeBatchNorm2d, get_act_layer, make_divisible
+from ._base import (
+    AttentionBlock,
+    SafeBatchNorm2d,
+    check_float,
+    check_int,
+    check_odd,
+    get_act_layer,
+    make_divisible,
+)
 
 __all__ = ["CBAM", "CbamChannelGate", "CbamSpatialGate"]
 
@@ -42,16 +50,22 @@ class CbamChannelGate(nn.Module):
 
 
 class CbamSpatialGate(nn.Module):
-    """``sigmoid(BN(conv_k([mean_c(x), max_c(x)])))`` -> ``(N, 1, H, W)``."""
+    """``sigmoid(BN(conv_k([max_c(x), mean_c(x)])))`` -> ``(N, 1, H, W)``.
+
+    As the authors' code (``ChannelPool``, ``BasicConv``): max before mean in the pooled map, and
+    BatchNorm momentum 0.01, so their weights load unchanged. (timm's ``CbamModule`` pools
+    ``[mean, max]`` with momentum 0.1; :func:`visattn.timm_compat.load_timm_weights` swaps the two
+    input channels of the conv.)
+    """
 
     def __init__(self, kernel_size: int, gate_layer, dd) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False, **dd)
-        self.bn = SafeBatchNorm2d(1, **dd)
+        self.bn = SafeBatchNorm2d(1, eps=1e-5, momentum=0.01, **dd)
         self.gate = get_act_layer(gate_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stats = torch.cat([x.mean(1, keepdim=True), _max(x, 1, keepdim=True)], 1)  # (N, 2, H, W)
+        stats = torch.cat([_max(x, 1, keepdim=True), x.mean(1, keepdim=True)], 1)  # (N, 2, H, W)
         return self.gate(self.bn(self.conv(stats)))
 
 
@@ -65,8 +79,12 @@ class CBAM(AttentionBlock):
         act_layer, gate_layer: activations by name or class.
         mlp_bias: biases in the channel MLP.
 
-    Parameter names match ``timm.layers.CbamModule`` (``channel.fc1/fc2``, ``spatial.conv``) except
-    the spatial BatchNorm, here ``spatial.bn``.
+    The spatial gate follows the authors' code (Park, Woo et al., github.com/Jongchan/
+    attention-module): its pooled map is ``[max, mean]`` and its BatchNorm has momentum 0.01, so
+    the authors' weights load as they are. Parameter names match ``timm.layers.CbamModule``
+    (``channel.fc1/fc2``, ``spatial.conv``) except the spatial BatchNorm, here ``spatial.bn``; timm
+    orders the pooled map ``[mean, max]``, which :func:`visattn.timm_compat.load_timm_weights`
+    converts.
     """
 
     def __init__(
@@ -84,10 +102,12 @@ class CBAM(AttentionBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if spatial_kernel_size % 2 == 0:
-            raise ValueError(f"CBAM needs an odd spatial_kernel_size, got {spatial_kernel_size}")
+        self.channels = check_int(channels, "channels", "CBAM")
+        check_float(rd_ratio, "rd_ratio", "CBAM")
+        check_int(rd_channels, "rd_channels", "CBAM", optional=True)
+        check_int(rd_divisor, "rd_divisor", "CBAM")
+        check_odd(spatial_kernel_size, "spatial_kernel_size", "CBAM")
         dd = {"device": device, "dtype": dtype}
-        self.channels = channels
         rd_channels = rd_channels or make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
         self.channel = CbamChannelGate(channels, rd_channels, act_layer, gate_layer, mlp_bias, dd)
         self.spatial = CbamSpatialGate(spatial_kernel_size, gate_layer, dd)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import AttentionBlock, SafeBatchNorm2d, get_act_layer
+from ._base import AttentionBlock, SafeBatchNorm2d, check_int, get_act_layer
 
 __all__ = ["CoordAttention"]
 
@@ -38,8 +38,10 @@ class CoordAttention(AttentionBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.channels = check_int(channels, "channels", "CoordAttention")
+        check_int(reduction, "reduction", "CoordAttention")
+        check_int(min_channels, "min_channels", "CoordAttention")
         dd = {"device": device, "dtype": dtype}
-        self.channels = channels
         mip = max(min_channels, channels // reduction)
         self.conv1 = nn.Conv2d(channels, mip, 1, **dd)
         self.bn1 = SafeBatchNorm2d(mip, **dd)

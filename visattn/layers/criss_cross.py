@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import AttentionBlock
+from ._base import AttentionBlock, check_int
 
 __all__ = ["CrissCrossAttention"]
 
@@ -31,11 +31,10 @@ class CrissCrossAttention(AttentionBlock):
     def __init__(self, channels: int, *, reduction: int = 8, recurrence: int = 2,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if recurrence < 1:
-            raise ValueError(f"CrissCrossAttention recurrence must be >= 1, got {recurrence}")
+        self.channels = check_int(channels, "channels", "CrissCrossAttention")
+        check_int(reduction, "reduction", "CrissCrossAttention")
+        self.recurrence = check_int(recurrence, "recurrence", "CrissCrossAttention")
         dd = {"device": device, "dtype": dtype}
-        self.channels = channels
-        self.recurrence = recurrence
         qk = max(1, channels // reduction)
         self.query = nn.Conv2d(channels, qk, 1, **dd)
         self.key = nn.Conv2d(channels, qk, 1, **dd)

@@ -7,10 +7,12 @@ https://arxiv.org/abs/1706.03762
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ._attention import attend, check_heads, merge_heads, split_heads
-from ._base import AttentionBlock, check_input
+from ._base import AttentionBlock, _call_block, _param_dtype, check_input, check_int
+
+fx.wrap("_call_block")  # torch.fx records calls from this module too as one node (see _base)
 
 __all__ = ["CrossAttention"]
 
@@ -43,9 +45,10 @@ class CrossAttention(AttentionBlock):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.channels = channels
-        self.context_channels = context_channels or channels
         self.heads = check_heads(channels, heads, "CrossAttention")
+        self.channels = channels
+        check_int(context_channels, "context_channels", "CrossAttention", optional=True)
+        self.context_channels = context_channels or channels
         self.reference = False
         self.q = nn.Linear(channels, channels, bias=qkv_bias, **dd)
         self.kv = nn.Linear(self.context_channels, 2 * channels, bias=qkv_bias, **dd)
@@ -57,6 +60,11 @@ class CrossAttention(AttentionBlock):
                 if isinstance(context, torch.Tensor) else type(context).__name__
             raise ValueError("CrossAttention context must be a feature map (N, C_ctx, H, W) or a token "
                              f"sequence (N, L, C_ctx), got {got}")
+        if not context.is_floating_point():
+            raise TypeError(f"CrossAttention context must be a floating-point tensor, got {context.dtype}")
+        if context.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"CrossAttention context has dtype {context.dtype} but x has {x.dtype}; "
+                            "give both the block's dtype, or run under torch.autocast")
         tokens = context.flatten(2).transpose(1, 2) if context.ndim == 4 else context  # (N, L, C_ctx)
         if tokens.shape[-1] != self.context_channels:
             raise ValueError(f"CrossAttention was built for context_channels={self.context_channels}, "
@@ -67,7 +75,11 @@ class CrossAttention(AttentionBlock):
         return tokens
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.channels, "CrossAttention")
+        self._refuse_root_trace(x)
+        return _call_block(self, x, context)
+
+    def _checked_forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        check_input(x, self.channels, "CrossAttention", _param_dtype(self))
         n, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (N, HW, C)
         ctx = tokens if context is None else self._context_tokens(x, context)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ._attention import attend
-from ._base import AttentionBlock
+from ._base import AttentionBlock, check_int
 
 __all__ = ["DualAttention"]
 
@@ -37,8 +37,9 @@ class DualAttention(AttentionBlock):
     def __init__(self, channels: int, *, reduction: int = 8,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.channels = check_int(channels, "channels", "DualAttention")
+        check_int(reduction, "reduction", "DualAttention")
         dd = {"device": device, "dtype": dtype}
-        self.channels = channels
         qk = max(1, channels // reduction)
         self.query = nn.Conv2d(channels, qk, 1, **dd)
         self.key = nn.Conv2d(channels, qk, 1, **dd)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import AttentionBlock, get_act_layer
+from ._base import AttentionBlock, check_float, check_int, check_odd, get_act_layer
 
 __all__ = ["EfficientChannelAttention", "eca_kernel_size"]
 
@@ -54,10 +54,12 @@ class EfficientChannelAttention(AttentionBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        name = "EfficientChannelAttention"
+        self.channels = check_int(channels, "channels", name)
+        check_float(gamma, "gamma", name)
+        check_float(beta, "beta", name, low=-math.inf)
         k = kernel_size if kernel_size is not None else eca_kernel_size(channels, gamma, beta)
-        if k < 1 or k % 2 == 0:
-            raise ValueError(f"EfficientChannelAttention needs an odd kernel_size >= 1, got {k}")
-        self.channels = channels
+        check_odd(k, "kernel_size", name)
         self.circular = circular
         self.pad = (k - 1) // 2
         self.conv = nn.Conv1d(1, 1, k, padding=0 if circular else self.pad, bias=False,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import AttentionBlock, SafeBatchNorm2d
+from ._base import AttentionBlock, SafeBatchNorm2d, check_int
 
 __all__ = ["ExternalAttention"]
 
@@ -29,8 +29,9 @@ class ExternalAttention(AttentionBlock):
     def __init__(self, channels: int, *, memory: int = 64,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.channels = check_int(channels, "channels", "ExternalAttention")
+        check_int(memory, "memory", "ExternalAttention")
         dd = {"device": device, "dtype": dtype}
-        self.channels = channels
         self.conv_in = nn.Conv2d(channels, channels, 1, **dd)
         self.mk = nn.Conv1d(channels, memory, 1, bias=False, **dd)
         self.mv = nn.Conv1d(memory, channels, 1, bias=False, **dd)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import AttentionBlock, get_act_layer, make_divisible
+from ._base import AttentionBlock, check_float, check_int, get_act_layer, make_divisible
 
 __all__ = ["GlobalContext"]
 
@@ -67,8 +67,11 @@ class GlobalContext(AttentionBlock):
         super().__init__()
         if fusion not in ("add", "scale", "both"):
             raise ValueError(f"GlobalContext fusion must be 'add', 'scale' or 'both', got {fusion!r}")
+        self.channels = check_int(channels, "channels", "GlobalContext")
+        check_float(rd_ratio, "rd_ratio", "GlobalContext")
+        check_int(rd_channels, "rd_channels", "GlobalContext", optional=True)
+        check_int(rd_divisor, "rd_divisor", "GlobalContext")
         dd = {"device": device, "dtype": dtype}
-        self.channels = channels
         self.fusion = fusion
         rd_channels = rd_channels or make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
         self.conv_attn = nn.Conv2d(channels, 1, 1, **dd) if use_attn else None

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._attention import check_heads
-from ._base import AttentionBlock
+from ._base import AttentionBlock, check_int
 
 __all__ = ["LinearAttention"]
 
@@ -32,9 +32,9 @@ class LinearAttention(AttentionBlock):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.channels = channels
-        self.key_channels = key_channels or channels
         self.heads = check_heads(channels, heads, "LinearAttention")
+        self.channels = channels
+        self.key_channels = check_int(key_channels, "key_channels", "LinearAttention", optional=True) or channels
         if self.key_channels % self.heads:
             raise ValueError(f"LinearAttention: heads={self.heads} must divide key_channels={self.key_channels}")
         self.query = nn.Conv2d(channels, self.key_channels, 1, **dd)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._attention import attend
-from ._base import AttentionBlock
+from ._base import AttentionBlock, check_int
 
 __all__ = ["NonLocal"]
 
@@ -19,6 +19,12 @@ class NonLocal(AttentionBlock):
 
     ``W_z`` starts at zero (the paper zero-initialises the BN after it), so the block is the
     identity when inserted. ``sub_sample`` max-pools phi and g by 2 (the paper's cheaper variant).
+
+    Departure from the authors' code: their 2x2 max-pool rounds odd sizes down, dropping the last
+    row or column of an odd map from the keys (and leaving a map one pixel high or wide with no
+    key at all). We pool with ``ceil_mode=True``: the last row/column is pooled on its own, so
+    every position can be attended to and any ``H, W >= 1`` works. On even sizes the two agree
+    exactly (tested).
 
     Args:
         channels: input channels C.
@@ -30,7 +36,8 @@ class NonLocal(AttentionBlock):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.channels = channels
+        self.channels = check_int(channels, "channels", "NonLocal")
+        check_int(inter_channels, "inter_channels", "NonLocal", optional=True)
         self.inter_channels = inter_channels or max(1, channels // 2)
         self.sub_sample = sub_sample
         self.reference = False
@@ -42,7 +49,7 @@ class NonLocal(AttentionBlock):
         nn.init.zeros_(self.w_z.bias)
 
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        n, c, h, w = x.shape
+        n, _, h, w = x.shape
         kv_in = F.max_pool2d(x, 2, ceil_mode=True) if self.sub_sample else x
         q = self.theta(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, HW, C')
         k = self.phi(kv_in).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, S, C')

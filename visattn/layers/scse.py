@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import AttentionBlock, get_act_layer
+from ._base import AttentionBlock, check_int, get_act_layer
 
 __all__ = ["SpatialChannelSE"]
 
@@ -38,8 +38,9 @@ class SpatialChannelSE(AttentionBlock):
         super().__init__()
         if mode not in ("add", "max"):
             raise ValueError(f"SpatialChannelSE mode must be 'add' or 'max', got {mode!r}")
+        self.channels = check_int(channels, "channels", "SpatialChannelSE")
+        check_int(reduction, "reduction", "SpatialChannelSE")
         dd = {"device": device, "dtype": dtype}
-        self.channels = channels
         self.mode = mode
         mid = max(1, channels // reduction)
         self.fc1 = nn.Conv2d(channels, mid, 1, **dd)

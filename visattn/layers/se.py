@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import AttentionBlock, get_act_layer, make_divisible
+from ._base import AttentionBlock, check_float, check_int, get_act_layer, make_divisible
 
 __all__ = ["SqueezeExcite"]
 
@@ -50,8 +50,11 @@ class SqueezeExcite(AttentionBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.channels = check_int(channels, "channels", "SqueezeExcite")
+        check_float(rd_ratio, "rd_ratio", "SqueezeExcite")
+        check_int(rd_channels, "rd_channels", "SqueezeExcite", optional=True)
+        check_int(rd_divisor, "rd_divisor", "SqueezeExcite")
         dd = {"device": device, "dtype": dtype}
-        self.channels = channels
         rd_channels = rd_channels or make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
         self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=bias, **dd)
         self.act = get_act_layer(act_layer)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import AttentionBlock
+from ._base import AttentionBlock, check_float, check_int
 
 __all__ = ["SimAM"]
 
@@ -28,8 +28,9 @@ class SimAM(AttentionBlock):
     def __init__(self, channels: int | None = None, *, e_lambda: float = 1e-4,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        check_int(channels, "channels", "SimAM", optional=True)
         self.channels = None  # parameter-free: any channel count
-        self.e_lambda = e_lambda
+        self.e_lambda = check_float(e_lambda, "e_lambda", "SimAM")
 
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]

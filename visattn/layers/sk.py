@@ -10,7 +10,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._base import AttentionBlock, SafeBatchNorm2d, get_act_layer, make_divisible
+from ._base import (
+    AttentionBlock,
+    SafeBatchNorm2d,
+    check_float,
+    check_int,
+    check_odd,
+    get_act_layer,
+    make_divisible,
+)
 
 __all__ = ["SelectiveKernel"]
 
@@ -63,11 +71,19 @@ class SelectiveKernel(AttentionBlock):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        name = "SelectiveKernel"
+        self.channels = check_int(channels, "channels", name)
+        if isinstance(kernel_size, (str, bytes)) or not isinstance(kernel_size, Sequence):
+            raise TypeError(f"{name}: kernel_size must be a sequence of >= 2 odd ints (one per "
+                            f"branch), got {kernel_size!r}")
+        kernel_size = [check_odd(k, "kernel_size", name) for k in kernel_size]
+        if len(kernel_size) < 2:
+            raise ValueError(f"{name} needs >= 2 odd kernel sizes (kernel_size), got {kernel_size}")
+        check_int(groups, "groups", name)
+        check_float(rd_ratio, "rd_ratio", name)
+        check_int(rd_channels, "rd_channels", name, optional=True)
+        check_int(rd_divisor, "rd_divisor", name)
         dd = {"device": device, "dtype": dtype}
-        kernel_size = list(kernel_size)
-        if len(kernel_size) < 2 or any(k < 1 or k % 2 == 0 for k in kernel_size):
-            raise ValueError(f"SelectiveKernel needs >= 2 odd kernel sizes, got {kernel_size}")
-        self.channels = channels
         self.num_paths = len(kernel_size)
         self.split_input = split_input
         if split_input and channels % self.num_paths:

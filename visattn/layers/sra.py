@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._attention import attend, check_heads, merge_heads, split_heads
-from ._base import AttentionBlock
+from ._base import AttentionBlock, check_int
 
 __all__ = ["SpatialReductionAttention"]
 
@@ -34,8 +34,7 @@ class SpatialReductionAttention(AttentionBlock):
                  qkv_bias: bool = True, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if sr_ratio < 1:
-            raise ValueError(f"SpatialReductionAttention sr_ratio must be >= 1, got {sr_ratio}")
+        check_int(sr_ratio, "sr_ratio", "SpatialReductionAttention")
         dd = {"device": device, "dtype": dtype}
         self.channels = channels
         self.sr_ratio = sr_ratio

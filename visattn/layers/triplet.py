@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._base import AttentionBlock, SafeBatchNorm2d
+from ._base import AttentionBlock, SafeBatchNorm2d, check_int, check_odd
 
 __all__ = ["TripletAttention"]
 
@@ -47,8 +47,8 @@ class TripletAttention(AttentionBlock):
     def __init__(self, channels: int | None = None, *, kernel_size: int = 7, no_spatial: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if kernel_size % 2 == 0:
-            raise ValueError(f"TripletAttention needs an odd kernel_size, got {kernel_size}")
+        check_int(channels, "channels", "TripletAttention", optional=True)
+        check_odd(kernel_size, "kernel_size", "TripletAttention")
         dd = {"device": device, "dtype": dtype}
         self.channels = None  # gates are channel-count agnostic
         self.cw = _ZPoolGate(kernel_size, dd)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._attention import attend, check_heads, merge_heads, split_heads
-from ._base import AttentionBlock
+from ._base import AttentionBlock, check_int
 
 __all__ = ["WindowAttention"]
 
@@ -54,8 +54,7 @@ class WindowAttention(AttentionBlock):
                  heads: int | None = None, qkv_bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if window_size < 1:
-            raise ValueError(f"WindowAttention window_size must be >= 1, got {window_size}")
+        check_int(window_size, "window_size", "WindowAttention")
         dd = {"device": device, "dtype": dtype}
         self.channels = channels
         self.window_size = window_size
@@ -100,7 +99,7 @@ class WindowAttention(AttentionBlock):
         return mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
 
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        n, c, h, w = x.shape
+        n, _, h, w = x.shape
         ws = self.window_size
         hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
         s = ws // 2 if self.shift and min(hp, wp) > ws else 0

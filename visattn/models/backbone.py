@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ..layers._base import check_int
 from ..plug import plug
 
 __all__ = ["Body", "build_body", "resolve_backbone"]
@@ -97,6 +98,31 @@ def _all_levels(lib: str, model: str, pretrained: bool, output_stride: int | Non
     return features, channels, strides
 
 
+def _check_body_args(levels, last, pretrained, output_stride, frozen_bn, attention, attention_kwargs,
+                     attention_stages) -> None:
+    """Type and range checks of :func:`build_body`'s arguments, each error naming its argument."""
+    if levels is not None:
+        if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or not levels:
+            raise TypeError(f"levels must be a non-empty sequence of strides, got {levels!r}")
+        for s in levels:
+            check_int(s, "levels (a stride)")
+    check_int(last, "last", optional=True)
+    check_int(output_stride, "output_stride", optional=True)
+    for name, flag, optional in (("pretrained", pretrained, False), ("frozen_bn", frozen_bn, True)):
+        if not (isinstance(flag, bool) or (optional and flag is None)):
+            raise TypeError(f"{name} must be True or False{' or None' if optional else ''}, got {flag!r}")
+    if attention is not None and not isinstance(attention, str) and not callable(attention):
+        raise TypeError(f"attention must be a block name (visattn.list_blocks()) or None, got {attention!r}")
+    if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
+        raise TypeError(f"attention_kwargs must be a dict or None, got {attention_kwargs!r}")
+    if attention_stages is not None and attention is None:
+        raise ValueError(f"attention_stages={attention_stages!r} given without attention; it would be "
+                         "ignored")
+    if attention_kwargs and attention is None:
+        raise ValueError(f"attention_kwargs={attention_kwargs!r} given without attention; they would be "
+                         "ignored")
+
+
 def build_body(backbone: str, *, levels: Sequence[int] | None = None, last: int | None = None,
                pretrained: bool = False, output_stride: int | None = None,
                frozen_bn: bool | None = None, attention: str | None = None,
@@ -106,8 +132,12 @@ def build_body(backbone: str, *, levels: Sequence[int] | None = None, last: int 
 
     ``frozen_bn`` (default: ``pretrained``) freezes batch-norm statistics, as torchvision does for
     pretrained detection backbones. ``attention`` is plugged into the body's residual blocks with
-    :func:`visattn.plug` (identity at insertion).
+    :func:`visattn.plug` (identity at insertion). Each argument is checked first; a bad one is a
+    ``TypeError`` or ``ValueError`` naming it (``attention_stages`` or ``attention_kwargs`` without
+    ``attention`` too, as they would be ignored).
     """
+    _check_body_args(levels, last, pretrained, output_stride, frozen_bn, attention, attention_kwargs,
+                     attention_stages)
     lib, model = resolve_backbone(backbone)
     frozen_bn = pretrained if frozen_bn is None else frozen_bn
     features, channels, strides = _all_levels(lib, model, pretrained, output_stride, frozen_bn)
@@ -120,7 +150,13 @@ def build_body(backbone: str, *, levels: Sequence[int] | None = None, last: int 
                                  f"its strides are {strides}")
             keep.append(idx[-1])  # the deepest stage at that stride
     else:
+        if last is not None and last > len(strides):
+            raise ValueError(f"last={last}, but backbone {backbone!r} has only {len(strides)} stages")
         keep = list(range(len(strides)))[-(last or 1):]
     if attention is not None:
-        plug(features, attention, stages=attention_stages, **(attention_kwargs or {}))
+        try:
+            plug(features, attention, stages=attention_stages, **(attention_kwargs or {}))
+        except (TypeError, ValueError) as e:  # name the builder's arguments, not plug's
+            raise type(e)(f"backbone {backbone!r}, attention={attention!r}, attention_stages="
+                          f"{attention_stages!r}, attention_kwargs={attention_kwargs!r}: {e}") from e
     return Body(features, keep, [channels[i] for i in keep], [strides[i] for i in keep])

@@ -7,14 +7,20 @@ pixels), ``labels`` and ``scores`` (and ``masks`` for Mask R-CNN) per image. ``i
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Sequence
 
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from ..layers._base import check_float, check_int
+from ..registry import list_blocks
 from .backbone import build_body
 from .neck import FPNNeck
 
@@ -25,10 +31,112 @@ _TWO_STAGE = ("fasterrcnn", "maskrcnn")
 _CLASSES = {"fasterrcnn": FasterRCNN, "maskrcnn": MaskRCNN, "retinanet": RetinaNet, "fcos": FCOS}
 
 
-def _as_list(names: str | Sequence[str] | None) -> list[str]:
+#: Largest ``fpn_channels`` accepted: FPN and head weights grow with its square (2048 already
+#: needs about 1.5 GB of float32 weights; torchvision uses 256).
+MAX_FPN_CHANNELS = 2048
+#: Detector keywords that ``build_detector`` sets itself from its own arguments.
+_RESERVED = {
+    "backbone": "backbone", "num_classes": "num_classes",
+    "anchor_generator": "anchor_sizes and aspect_ratios",
+    "rpn_anchor_generator": "anchor_sizes and aspect_ratios",
+}
+
+
+def _neck_attention(names: object) -> list[str]:
+    """``neck_attention`` as a list of names, each ``"scale"`` or a registered block."""
     if names is None:
         return []
-    return [names] if isinstance(names, str) else list(names)
+    if isinstance(names, str):
+        names = [names]
+    elif not isinstance(names, Sequence):
+        raise TypeError(f"neck_attention must be a block name or a list of them, got {names!r}")
+    valid = ["scale", *list_blocks()]
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"neck_attention entries must be block names (str), got {name!r}")
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=2)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"neck_attention: unknown block {name!r}{hint}; valid: {', '.join(valid)}")
+    return list(names)
+
+
+def _numbers(values: object, what: str) -> tuple[float, ...]:
+    """A non-empty sequence of finite positive numbers, else an error naming ``what``."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise TypeError(f"{what} must be a non-empty sequence of positive numbers, got {values!r}")
+    for v in values:
+        check_float(v, what)
+    return tuple(values)
+
+
+def _anchor_sizes(anchor_sizes: object) -> tuple[tuple[float, ...], ...]:
+    if isinstance(anchor_sizes, (str, bytes)) or not isinstance(anchor_sizes, Sequence) or not anchor_sizes:
+        raise TypeError(f"anchor_sizes must be one sequence of sizes per FPN level, e.g. ((16,), (32,)), "
+                        f"got {anchor_sizes!r}")
+    return tuple(_numbers(level, f"anchor_sizes[{i}]") for i, level in enumerate(anchor_sizes))
+
+
+def _accepted_keywords(cls: type) -> set[str]:
+    """Keywords the torchvision detector ``cls`` acts on: its own ``__init__``'s and those of the
+    torchvision detector classes it extends, plus ``GeneralizedRCNNTransform``'s, to which
+    torchvision passes every other keyword (and where a typo would vanish). Read from the
+    signatures, so the set follows the installed torchvision."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass in (GeneralizedRCNN, nn.Module, object):
+            break
+        if "__init__" in vars(klass):
+            names |= _named_parameters(klass.__init__)
+    return names | _named_parameters(GeneralizedRCNNTransform.__init__)
+
+
+def _named_parameters(fn) -> set[str]:
+    return {name for name, p in inspect.signature(fn).parameters.items()
+            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def _detector_keywords(arch: str, detector_kwargs: object, kw: dict) -> dict:
+    """Merge ``detector_kwargs`` and ``**kw``, refusing a keyword the detector does not take (with
+    close matches), one that ``build_detector`` sets itself, and one given in both."""
+    if detector_kwargs is None:
+        detector_kwargs = {}
+    if not isinstance(detector_kwargs, dict) or not all(isinstance(k, str) for k in detector_kwargs):
+        raise TypeError(f"detector_kwargs must be a dict of keyword arguments, got {detector_kwargs!r}")
+    both = sorted(set(detector_kwargs) & set(kw))
+    if both:
+        raise ValueError(f"{arch}: {', '.join(both)} given both in detector_kwargs and as keyword "
+                         "argument(s); give each once")
+    merged = {**detector_kwargs, **kw}
+    cls = _CLASSES[arch]
+    for key in merged:
+        if key in _RESERVED:
+            raise TypeError(f"{arch}: {key} is set by build_detector; pass {_RESERVED[key]} instead")
+    accepted = _accepted_keywords(cls) - set(_RESERVED)
+    unknown = sorted(set(merged) - accepted)
+    if unknown:
+        close = sorted({m for k in unknown for m in difflib.get_close_matches(k, accepted, n=3)})
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise TypeError(f"{arch}: torchvision's {cls.__name__} takes no keyword argument(s) "
+                        f"{', '.join(unknown)}{hint} (it takes: {', '.join(sorted(accepted))})")
+    for key in ("max_size", "detections_per_img", "size_divisible"):
+        if key in merged:
+            check_int(merged[key], key, arch)
+    if "min_size" in merged:
+        sizes = merged["min_size"]
+        for v in (sizes if isinstance(sizes, (tuple, list)) and sizes else [sizes]):
+            check_int(v, "min_size", arch)
+    return merged
+
+
+def _check_flag(value: object, name: str, optional: bool = False) -> None:
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise TypeError(f"{name} must be True or False{' or None' if optional else ''}, got {value!r}")
+
+
+def _check_kwargs_dict(value: object, name: str) -> None:
+    if value is not None and (not isinstance(value, dict) or not all(isinstance(k, str) for k in value)):
+        raise TypeError(f"{name} must be a dict of keyword arguments or None, got {value!r}")
 
 
 def default_anchor_sizes(arch: str, strides: Sequence[int]) -> tuple[tuple[float, ...], ...]:
@@ -45,7 +153,7 @@ def default_anchor_sizes(arch: str, strides: Sequence[int]) -> tuple[tuple[float
 def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str | None = None,
                    neck_attention: str | Sequence[str] | None = None, pretrained_backbone: bool = False,
                    p2: bool | None = None, anchor_sizes: Sequence[Sequence[float]] | None = None,
-                   aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0), fpn_channels: int = 256,
+                   aspect_ratios: Sequence[float] | None = None, fpn_channels: int = 256,
                    attention_stages: Sequence[int] | None = None, attention_kwargs: dict | None = None,
                    frozen_bn: bool | None = None, detector_kwargs: dict | None = None, **kw) -> nn.Module:
     """Build a torchvision detector on a timm / torchvision backbone with an FPN neck.
@@ -64,21 +172,44 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
         anchor_sizes: one tuple of sizes (pixels) per FPN level, smallest stride first. Default:
             :func:`default_anchor_sizes` (32 px on P2 for R-CNN; 16 px on P2 for RetinaNet with
             ``p2=True``). For objects under 16 px, shrink them, e.g. ``((16,), (32,), ...)``.
-        fpn_channels: FPN width (256 in torchvision; 64-128 trains much faster on CPU).
+        aspect_ratios: anchor aspect ratios of every level (default ``(0.5, 1.0, 2.0)``); not for
+            FCOS, which has no anchor boxes (giving any other than ``(1.0,)`` is an error).
+        fpn_channels: FPN width, 1..2048 (256 in torchvision; 64-128 trains much faster on CPU).
         detector_kwargs, **kw: passed to the torchvision class (``min_size``, ``max_size``,
             ``box_score_thresh``, ``detections_per_img``, ...); configs use ``detector_kwargs``.
+            Each keyword is checked against the signatures of the torchvision class and of its
+            ``GeneralizedRCNNTransform`` (which would otherwise swallow a typo): an unknown one is
+            a ``TypeError`` naming it and the close matches; one given both ways, or one that
+            ``build_detector`` sets itself (``anchor_generator``), is an error too.
+
+    Every argument is checked before the backbone is built; a bad one is a ``TypeError`` or
+    ``ValueError`` naming it.
 
     Example:
         >>> model = build_detector("fcos", backbone="resnet18", num_classes=8, attention="cbam",
         ...                        min_size=256, max_size=256)
     """
-    if arch not in ARCHS:
+    if not isinstance(arch, str) or arch not in ARCHS:
         raise ValueError(f"unknown detector arch {arch!r}; choose from {', '.join(ARCHS)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int (object classes, no background), got {num_classes!r}")
+    check_int(fpn_channels, "fpn_channels", high=MAX_FPN_CHANNELS)
     if arch == "fcos" and fpn_channels % 32:
         raise ValueError(f"fcos: fpn_channels must be a multiple of 32 (torchvision's FCOS head uses "
                          f"GroupNorm with 32 groups), got {fpn_channels}")
+    neck_names = _neck_attention(neck_attention)
+    _check_flag(pretrained_backbone, "pretrained_backbone")
+    _check_flag(p2, "p2", optional=True)
+    _check_flag(frozen_bn, "frozen_bn", optional=True)
+    _check_kwargs_dict(attention_kwargs, "attention_kwargs")
+    if anchor_sizes is not None:
+        anchor_sizes = _anchor_sizes(anchor_sizes)
+    if aspect_ratios is not None:
+        aspect_ratios = _numbers(aspect_ratios, "aspect_ratios")
+        if arch == "fcos" and aspect_ratios != (1.0,):
+            raise ValueError(f"fcos has no anchor boxes (one point per location), so aspect_ratios "
+                             f"{aspect_ratios} would be ignored; leave it out")
+    kw = _detector_keywords(arch, detector_kwargs, kw)
     two_stage = arch in _TWO_STAGE
     p2 = two_stage if p2 is None else p2
     levels = [4, 8, 16, 32] if p2 else [8, 16, 32]
@@ -89,16 +220,15 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
         extra, num_extra = LastLevelMaxPool(), 1
     else:
         extra, num_extra = LastLevelP6P7(fpn_channels, fpn_channels), 2
-    neck = FPNNeck(body, fpn_channels, extra, num_extra, _as_list(neck_attention), attention_kwargs)
+    neck = FPNNeck(body, fpn_channels, extra, num_extra, neck_names, attention_kwargs)
     strides = list(body.strides) + [body.strides[-1] * 2 ** (i + 1) for i in range(num_extra)]
-    sizes = tuple(tuple(s) for s in anchor_sizes) if anchor_sizes is not None else default_anchor_sizes(arch, strides)
+    sizes = anchor_sizes if anchor_sizes is not None else default_anchor_sizes(arch, strides)
     if len(sizes) != len(strides):
         raise ValueError(f"anchor_sizes has {len(sizes)} levels but the FPN has {len(strides)} "
                          f"(strides {strides})")
-    ratios = (1.0,) if arch == "fcos" else tuple(aspect_ratios)
+    ratios = (1.0,) if arch == "fcos" else (aspect_ratios or (0.5, 1.0, 2.0))
     anchors = AnchorGenerator(sizes, (ratios,) * len(sizes))
     classes = num_classes + 1  # index 0 is background in every torchvision head
-    kw = {**(detector_kwargs or {}), **kw}
     if two_stage:
         names = [str(i) for i in range(len(levels))]
         kw.setdefault("box_roi_pool", MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2))
@@ -107,8 +237,4 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
         kw["rpn_anchor_generator"] = anchors
     else:
         kw["anchor_generator"] = anchors
-    try:
-        return _CLASSES[arch](neck, num_classes=classes, **kw)
-    except TypeError as e:
-        raise TypeError(f"{arch}: bad detector keyword argument(s) for torchvision's "
-                        f"{_CLASSES[arch].__name__}: {e}") from None
+    return _CLASSES[arch](neck, num_classes=classes, **kw)

@@ -48,15 +48,24 @@ def build_segmenter(arch: str, *, backbone: str, num_classes: int, attention: st
             own stride (usually 32; cheapest).
         aux_loss: add torchvision's auxiliary FCN head on the second-deepest stage (``"aux"``).
 
+    Every argument is checked before the backbone is built; a bad one is a ``TypeError`` or
+    ``ValueError`` naming it (Python itself refuses a misspelt keyword: there is no ``**kwargs``).
+
     Example:
         >>> m = build_segmenter("deeplabv3", backbone="resnet18", num_classes=21, attention="eca")
         >>> m(torch.rand(1, 3, 64, 64))["out"].shape
         torch.Size([1, 21, 64, 64])
     """
-    if arch not in SEGMENTER_ARCHS:
+    if not isinstance(arch, str) or arch not in SEGMENTER_ARCHS:
         raise ValueError(f"unknown segmenter arch {arch!r}; choose from {', '.join(SEGMENTER_ARCHS)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not isinstance(aux_loss, bool):
+        raise TypeError(f"aux_loss must be True or False, got {aux_loss!r}")
+    if not isinstance(pretrained_backbone, bool):
+        raise TypeError(f"pretrained_backbone must be True or False, got {pretrained_backbone!r}")
+    if output_stride not in (None, 8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16, 32 or None (the backbone's own), got {output_stride!r}")
     body = build_body(backbone, last=2, pretrained=pretrained_backbone, output_stride=output_stride,
                       frozen_bn=frozen_bn, attention=attention, attention_kwargs=attention_kwargs,
                       attention_stages=attention_stages)
