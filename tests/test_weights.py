@@ -272,3 +272,28 @@ def test_config_that_does_not_match_the_weights_is_refused(published):
     manifest.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="parameters but the manifest says"):
         weights.load_pretrained("fcos_resnet10t_none.tiny")
+
+
+# -- the shipped manifest -------------------------------------------------------------------------
+SHIPPED = weights.load_manifest(weights.WEIGHTS_DIR / "manifest.json")
+
+
+def test_readme_table_matches_the_manifest():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start, end = "<!-- weights-table:start -->\n", "<!-- weights-table:end -->"
+    assert start in readme and end in readme, "README lost its weights table markers"
+    table = readme.split(start, 1)[1].split(end, 1)[0]
+    assert table == weights.format_table(SHIPPED), "README table differs: paste `visattn weights table`"
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_entry_is_verified_and_loads_strictly(name, monkeypatch):
+    monkeypatch.delenv("VISATTN_WEIGHTS_MANIFEST", raising=False)
+    monkeypatch.setenv("VISATTN_OFFLINE", "1")
+    entry = SHIPPED[name]
+    path = weights.weight_file(name)  # sha256 of the shipped file checked here
+    assert path.stat().st_size == entry["file_size"]
+    model = weights.load_pretrained(name)  # num_params checked, strict load
+    assert sum(p.numel() for p in model.parameters()) == entry["num_params"]
