@@ -17,21 +17,116 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 
+from ._checks import check_bool, check_int, check_pathlike
+from .images import read_image, resolve_image
 from .transforms import build_transform
 
-__all__ = ["CategoryMap", "CocoDataModule", "CocoDetectionDataset", "collate", "load_coco"]
+__all__ = ["CategoryMap", "CocoDataModule", "CocoDetectionDataset", "check_coco", "collate", "load_coco",
+           "resolve_image"]
 
 
 def _fail(source: str, what: str) -> None:
     raise ValueError(f"{source}: malformed COCO annotations: {what}")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_images(src: str, images: list) -> set[int]:
+    ids: dict[int, int] = {}
+    for i, img in enumerate(images):
+        if not isinstance(img, dict) or not _is_int(img.get("id")) or not isinstance(img.get("file_name"), str):
+            _fail(src, f"images[{i}] needs an int 'id' and a str 'file_name', got {img!r:.120}")
+        if img["id"] in ids:
+            _fail(src, f"images[{i}] repeats image id {img['id']} of images[{ids[img['id']]}]")
+        ids[img["id"]] = i
+        has = [k for k in ("width", "height") if k in img]
+        if has and (len(has) == 1 or not all(_is_int(img[k]) and img[k] > 0 for k in has)):
+            _fail(src, f"images[{i}] (id {img['id']}) needs both 'width' and 'height' as positive ints "
+                       f"(or neither), got width={img.get('width')!r}, height={img.get('height')!r}")
+    return set(ids)
+
+
+def _check_categories(src: str, categories: list) -> set[int]:
+    ids: set[int] = set()
+    for i, cat in enumerate(categories):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            _fail(src, f"categories[{i}] needs an int 'id', got {cat!r:.120}")
+        if cat["id"] in ids:
+            _fail(src, f"categories[{i}] repeats category id {cat['id']}")
+        ids.add(cat["id"])
+    return ids
+
+
+def _check_annotation(src: str, i: int, ann, image_ids: set[int], cat_ids: set[int]) -> None:
+    if not isinstance(ann, dict):
+        _fail(src, f"annotations[{i}] is not an object")
+    for key in ("image_id", "category_id", "bbox"):
+        if key not in ann:
+            _fail(src, f"annotations[{i}] has no '{key}'")
+    if "id" in ann and not _is_int(ann["id"]):
+        _fail(src, f"annotations[{i}] 'id' must be an int, got {ann['id']!r:.60}")
+    if not _is_int(ann["image_id"]) or ann["image_id"] not in image_ids:
+        _fail(src, f"annotations[{i}] refers to image id {ann['image_id']!r}, which is not in 'images'")
+    if not _is_int(ann["category_id"]) or ann["category_id"] not in cat_ids:
+        _fail(src, f"annotations[{i}] refers to category id {ann['category_id']!r}, which is not in 'categories'")
+    box = ann["bbox"]
+    if (not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box)
+            or box[2] < 0 or box[3] < 0):
+        _fail(src, f"annotations[{i}] bbox must be [x, y, w, h] with finite numbers and w, h >= 0, got {box!r}")
+    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+        _fail(src, f"annotations[{i}] area must be a finite number >= 0, got {ann['area']!r:.60}")
+    if ann.get("iscrowd", 0) not in (0, 1):
+        _fail(src, f"annotations[{i}] iscrowd must be 0 or 1, got {ann['iscrowd']!r:.60}")
+    if "segmentation" in ann and not isinstance(ann["segmentation"], list | dict):
+        _fail(src, f"annotations[{i}] segmentation must be polygons (a list) or an RLE (an object), "
+                   f"got {type(ann['segmentation']).__name__}")
+
+
+def check_coco(data, source: str = "the annotations") -> dict:
+    """Check a parsed COCO instances object in place and return it (``annotations`` defaults to
+    ``[]``); errors are ``ValueError`` naming ``source`` and the offending entry.
+
+    Checked: the three lists; int, unique image, category and annotation ids;
+    ``width``/``height`` both positive ints or both absent; every annotation's image and category
+    exist, ``bbox`` is four finite numbers with ``w, h >= 0``, ``area`` finite and ``>= 0``,
+    ``iscrowd`` 0 or 1. Booleans are not numbers here.
+    """
+    src = str(source)
+    if not isinstance(data, dict):
+        _fail(src, "top level must be an object with 'images', 'annotations', 'categories', got "
+                   f"{type(data).__name__}")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            _fail(src, f"missing list '{key}'")
+    data.setdefault("annotations", [])
+    if not isinstance(data["annotations"], list):
+        _fail(src, "'annotations' must be a list")
+    image_ids = _check_images(src, data["images"])
+    cat_ids = _check_categories(src, data["categories"])
+    ann_ids: dict[int, int] = {}
+    for i, ann in enumerate(data["annotations"]):
+        _check_annotation(src, i, ann, image_ids, cat_ids)
+        if "id" in ann:
+            if ann["id"] in ann_ids:
+                _fail(src, f"annotations[{i}] repeats annotation id {ann['id']} of annotations[{ann_ids[ann['id']]}]")
+            ann_ids[ann["id"]] = i
+    return data
+
+
 def load_coco(path: str | os.PathLike) -> dict:
-    """Load and check a COCO instances file; errors name the file and the offending entry."""
+    """Load and check a COCO instances file (:func:`check_coco`); errors name the file and the
+    offending entry."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"load_coco: path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {path}")
@@ -39,52 +134,21 @@ def load_coco(path: str | os.PathLike) -> dict:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    src = str(path)
-    if not isinstance(data, dict):
-        _fail(src, f"top level must be an object with 'images', 'annotations', 'categories', got {type(data).__name__}")
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
-            _fail(src, f"missing list '{key}'")
-    data.setdefault("annotations", [])
-    if not isinstance(data["annotations"], list):
-        _fail(src, "'annotations' must be a list")
-    image_ids, cat_ids = set(), set()
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not isinstance(img.get("id"), int) or not isinstance(img.get("file_name"), str):
-            _fail(src, f"images[{i}] needs an int 'id' and a str 'file_name', got {img!r:.120}")
-        if img["id"] in image_ids:
-            _fail(src, f"images[{i}] repeats image id {img['id']}")
-        image_ids.add(img["id"])
-    for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int):
-            _fail(src, f"categories[{i}] needs an int 'id', got {cat!r:.120}")
-        if cat["id"] in cat_ids:
-            _fail(src, f"categories[{i}] repeats category id {cat['id']}")
-        cat_ids.add(cat["id"])
-    for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict):
-            _fail(src, f"annotations[{i}] is not an object")
-        for key in ("image_id", "category_id", "bbox"):
-            if key not in ann:
-                _fail(src, f"annotations[{i}] has no '{key}'")
-        if ann["image_id"] not in image_ids:
-            _fail(src, f"annotations[{i}] refers to image id {ann['image_id']!r}, which is not in 'images'")
-        if ann["category_id"] not in cat_ids:
-            _fail(src, f"annotations[{i}] refers to category id {ann['category_id']!r}, which is not in 'categories'")
-        box = ann["bbox"]
-        if (not isinstance(box, list) or len(box) != 4
-                or not all(isinstance(v, int | float) and math.isfinite(v) for v in box) or box[2] < 0 or box[3] < 0):
-            _fail(src, f"annotations[{i}] bbox must be [x, y, w, h] with finite numbers and w, h >= 0, got {box!r}")
-    return data
+    return check_coco(data, str(path))
 
 
 class CategoryMap:
     """Dataset category ids (sparse, any order) <-> contiguous labels ``1..K`` (0 is background).
 
-    Labels follow the ascending order of category ids.
+    Labels follow the ascending order of category ids, so they do not depend on the file's order.
+    Ids must be unique ints.
     """
 
     def __init__(self, categories: Sequence[dict]) -> None:
+        if isinstance(categories, str | bytes | dict) or not isinstance(categories, Sequence):
+            raise TypeError(f"CategoryMap: categories must be a list of {{'id': int, 'name': str}} objects, "
+                            f"got {type(categories).__name__}")
+        check_coco({"images": [], "categories": list(categories)}, "CategoryMap")
         cats = sorted(categories, key=lambda c: c["id"])
         self.category_ids: list[int] = [c["id"] for c in cats]
         self.names: list[str] = [str(c.get("name", c["id"])) for c in cats]
@@ -109,28 +173,58 @@ def _decode_mask(segm, h: int, w: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(np.uint8)
 
 
+def _ann_order(ann: dict) -> tuple:
+    """Annotations of one image in id order (content order where ids are absent), so targets do
+    not depend on the order of the file."""
+    return (ann.get("id", math.inf), ann["category_id"], tuple(ann["bbox"]))
+
+
 class CocoDetectionDataset(Dataset):
     """One split of a COCO-format dataset, with targets ready for torchvision detectors.
 
     Crowd annotations are left out of the targets (the evaluation handles them from the JSON);
     images without annotations are kept (empty targets). Boxes are converted to xyxy, clipped to
-    the image, and dropped when they have no area. A missing image file is an error that names it.
+    the image, and dropped when they have no area. Images are in id order and each image's
+    annotations in annotation-id order, whatever the order of the file.
+
+    Every ``file_name`` must stay inside ``images`` (:func:`~visattn.data.resolve_image`) and
+    exist: both are checked here, naming the entries. Each image is checked against its JSON
+    ``width``/``height`` when it is loaded (:func:`~visattn.data.images.orient_image`: EXIF is
+    applied only where that is what makes the sizes agree) and decoded in its real range
+    (:func:`~visattn.data.images.decode_image`: images deeper than 8 bits stay float, not clipped).
     """
 
     def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike | dict, *,
                  transform=None, masks: bool = False, semantic: bool = False,
                  categories: CategoryMap | None = None, source: str | None = None) -> None:
+        check_pathlike("images", images)
+        check_bool("masks", masks)
+        check_bool("semantic", semantic)
+        if categories is not None and not isinstance(categories, CategoryMap):
+            raise TypeError(f"categories must be a CategoryMap or None, got {type(categories).__name__}")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable (an albumentations Compose) or None, got "
+                            f"{type(transform).__name__}")
         self.root = Path(images)
-        data = annotations if isinstance(annotations, dict) else load_coco(annotations)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found (or not a folder): {self.root}")
         # how errors name the annotations: the file, also when it was passed already parsed
-        self.source = source or (annotations if not isinstance(annotations, dict) else "the annotations")
+        if isinstance(annotations, dict):
+            self.source = source or "the annotations"
+            data = check_coco(annotations, self.source)
+        else:
+            check_pathlike("annotations", annotations)
+            self.source = source or str(annotations)
+            data = load_coco(annotations)
         self.categories = categories or CategoryMap(data["categories"])
         unknown = sorted({c["id"] for c in data["categories"]} - set(self.categories.category_ids))
         if unknown:
             raise ValueError(f"{self.source}: category ids {unknown} are not in the training categories "
                              f"{self.categories.category_ids}")
         self.images = sorted(data["images"], key=lambda im: im["id"])
-        missing = [im["file_name"] for im in self.images if not (self.root / im["file_name"]).is_file()]
+        self.paths = [resolve_image(self.root, im["file_name"], image_id=im["id"], source=self.source)
+                      for im in self.images]
+        missing = [im["file_name"] for im, p in zip(self.images, self.paths, strict=True) if not p.is_file()]
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise FileNotFoundError(f"image file(s) listed in {self.source} not found under {self.root}: "
@@ -139,6 +233,8 @@ class CocoDetectionDataset(Dataset):
         for ann in data["annotations"]:
             if not ann.get("iscrowd", 0):
                 self.anns[ann["image_id"]].append(ann)
+        for anns in self.anns.values():
+            anns.sort(key=_ann_order)
         self.transform = transform
         self.return_masks = masks
         self.semantic = semantic
@@ -147,14 +243,14 @@ class CocoDetectionDataset(Dataset):
         return len(self.images)
 
     def load_image(self, index: int) -> np.ndarray:
-        path = self.root / self.images[index]["file_name"]
+        """Image ``index``, oriented and checked against its JSON size: ``(H, W, 3)`` uint8, or
+        float32 in 0..1 for images deeper than 8 bits (see :mod:`visattn.data.images`)."""
+        info = self.images[index]
         try:
-            with Image.open(path) as im:
-                return np.array(im.convert("RGB"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image file not found: {path}") from None
-        except OSError as e:
-            raise OSError(f"cannot read image {path}: {e}") from None
+            return read_image(self.paths[index], width=info.get("width"), height=info.get("height"),
+                              image_id=info["id"])
+        except ValueError as e:
+            raise ValueError(f"{self.source}: {e}") from None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         info = self.images[index]
@@ -162,7 +258,7 @@ class CocoDetectionDataset(Dataset):
         h, w = image.shape[:2]
         boxes, labels, masks, sem_masks = [], [], [], []
         if self.semantic:  # every instance paints the label map, degenerate boxes included
-            for ann in sorted(self.anns[info["id"]], key=lambda a: -a.get("area", 0)):
+            for ann in sorted(self.anns[info["id"]], key=lambda a: -a.get("area", 0)):  # stable: id order on ties
                 if "segmentation" in ann:
                     sem_masks.append((self.categories.to_label[ann["category_id"]],
                                       _decode_mask(ann["segmentation"], h, w)))
@@ -210,7 +306,9 @@ class CocoDetectionDataset(Dataset):
             for (label, _), m in zip(sem_masks, sem_out, strict=True):
                 sem[np.asarray(m) > 0] = label
             target["semantic"] = torch.from_numpy(sem)
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        if image.dtype == np.uint8:
+            tensor.div_(255.0)
         return tensor, target
 
 
@@ -230,6 +328,8 @@ class CocoDataModule(L.LightningDataModule):
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
         image_size: resize so the longest side is this many pixels (None keeps the size).
+            Arguments are checked here (a ``TypeError``/``ValueError`` naming the argument); the
+            files are checked by ``setup``, whose errors name the missing file or entry.
         augment: training preset (``"none"``, ``"flip"``, ``"small_objects"``) or an albumentations
             transform; validation only resizes.
         masks: also return instance masks (for Mask R-CNN).
@@ -249,6 +349,16 @@ class CocoDataModule(L.LightningDataModule):
                  image_size: int | None = None, augment: str | None = "flip", masks: bool = False,
                  semantic: bool = False, val_batch_size: int | None = None) -> None:
         super().__init__()
+        for name, value in (("train_images", train_images), ("train_annotations", train_annotations)):
+            check_pathlike(name, value)
+        for name, value in (("val_images", val_images), ("val_annotations", val_annotations)):
+            check_pathlike(name, value, optional=True)
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("val_batch_size", val_batch_size, minimum=1, optional=True)
+        check_int("num_workers", num_workers, minimum=0)
+        check_int("image_size", image_size, minimum=1, optional=True)
+        check_bool("masks", masks)
+        check_bool("semantic", semantic)
         self.train_images, self.train_annotations = train_images, train_annotations
         self.val_images = val_images or train_images
         self.val_annotations = val_annotations or train_annotations

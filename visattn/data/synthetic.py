@@ -11,17 +11,27 @@ per-annotation fields, ``occlusion`` (0..1) and ``amodal_bbox`` (COCO xywh), so 
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
+import multiprocessing
 import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import uuid
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
+
+from .._io import atomic_path, atomic_write_json
+from ._checks import check_bool, check_int, check_pathlike
+from .images import read_image, resolve_image
 
 __all__ = ["CLASSES", "SynthConfig", "generate_synthetic", "preview", "render_image"]
 
@@ -43,6 +53,25 @@ class SynthConfig:
     medium_small_frac: float = 0.3   # share drawn at 16-32 px; the rest 32 px and up
     cluster_frac: float = 0.5        # share of objects placed next to an earlier one (they overlap)
     max_occlusion: float = 0.95      # objects hidden more than this are dropped, not labelled
+
+    def __post_init__(self) -> None:
+        check_int("image_size", self.image_size, minimum=32)
+        check_int("min_objects", self.min_objects, minimum=0)
+        check_int("max_objects", self.max_objects, minimum=self.min_objects)
+        check_int("max_occluders", self.max_occluders, minimum=0)
+        for name in ("min_size", "max_size_frac", "small_frac", "medium_small_frac", "cluster_frac",
+                     "max_occlusion"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise TypeError(f"SynthConfig.{name} must be a finite number, got {value!r:.60}")
+        if not 1.0 <= self.min_size < 16.0:
+            raise ValueError(f"SynthConfig.min_size must be in [1, 16) pixels (the small bin), got {self.min_size}")
+        for name in ("max_size_frac", "small_frac", "medium_small_frac", "cluster_frac", "max_occlusion"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"SynthConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.small_frac + self.medium_small_frac > 1.0:
+            raise ValueError(f"SynthConfig.small_frac + medium_small_frac must be <= 1, got "
+                             f"{self.small_frac} + {self.medium_small_frac}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,6 +163,10 @@ def render_image(index: int, seed: int, cfg: SynthConfig = SynthConfig()) -> tup
     ``visible``/``full`` pixel counts and ``amodal`` box (x, y, w, h). Deterministic in
     ``(index, seed, cfg)``, independent of other images.
     """
+    check_int("index", index, minimum=0)
+    check_int("seed", seed, minimum=0)
+    if not isinstance(cfg, SynthConfig):
+        raise TypeError(f"cfg must be a SynthConfig, got {type(cfg).__name__}")
     rng = np.random.default_rng([seed, index])
     size = cfg.image_size
     img = _background(rng, size)
@@ -207,7 +240,7 @@ def _draw_occluder(rng: np.random.Generator, img: np.ndarray, owner: np.ndarray,
         dx, dy = math.cos(a) * length / 2, math.sin(a) * length / 2
         draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255, width=int(width))
     else:  # blob
-        rx, ry = rng.uniform(6, size / 7, 2)
+        rx, ry = rng.uniform(6, max(6.0, size / 7), 2)  # small images: radius 6
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
     m = np.asarray(layer) > 0
     img[m] = rng.integers(0, 256, 3) + rng.normal(0, 6, (int(m.sum()), 1))
@@ -239,16 +272,118 @@ def _annotations(objects: list[dict], image_id: int) -> list[dict]:
 def _render_and_save(args: tuple[int, int, SynthConfig, str]) -> tuple[int, list[dict]]:
     index, seed, cfg, image_dir = args
     img, objects = render_image(index, seed, cfg)
-    Image.fromarray(img).save(os.path.join(image_dir, f"{index:06d}.png"), compress_level=1)
+    with atomic_path(os.path.join(image_dir, f"{index:06d}.png")) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG", compress_level=1)
     return index, _annotations(objects, index + 1)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: die with the parent, even when it is killed with SIGKILL (Linux: the
+    kernel's parent-death signal; elsewhere a thread that watches the parent id)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends the pool
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _iter_rendered(jobs: list, workers: int) -> Iterator[tuple[int, list[dict]]]:
+    """Render ``jobs`` in order; with ``workers > 1`` in a process pool that is terminated (not
+    waited for) when the consumer stops early, on an exception, Ctrl-C or SIGTERM."""
     if workers <= 1:
         yield from map(_render_and_save, jobs)
         return
-    with ProcessPoolExecutor(workers) as pool:
-        yield from pool.map(_render_and_save, jobs, chunksize=8)
+    pool = multiprocessing.Pool(workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
+    try:
+        yield from pool.imap(_render_and_save, jobs, chunksize=max(1, min(8, len(jobs) // (4 * workers))))
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit`` while generating, so clean-up runs (the pool is terminated,
+    the staging folder removed). Only where nobody else handles SIGTERM and on the main thread."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _clean_stale_staging(out: Path) -> None:
+    """Remove staging folders of ``out`` left by runs that were killed (their process is gone)."""
+    prefix = f".{out.name}.partial-"
+    if not out.parent.is_dir():
+        return
+    for entry in out.parent.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (created if needed) so concurrent writers take turns;
+    POSIX ``flock`` on the folder itself (no lock file); elsewhere no lock."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Move the complete set in ``stage`` to ``out``. ``instances.json`` leaves first and comes
+    back last, so at every instant ``out`` holds the old complete set, no annotations (nothing
+    loads), or the new complete set. The old files go to ``stage`` and are removed with it."""
+    out.mkdir(parents=True, exist_ok=True)
+    old_json = out / "annotations" / "instances.json"
+    if old_json.exists():
+        os.replace(old_json, stage / "old-instances.json")
+    if (out / "images").exists():
+        os.replace(out / "images", stage / "old-images")
+    os.replace(stage / "images", out / "images")
+    (out / "annotations").mkdir(exist_ok=True)
+    os.replace(stage / "annotations" / "instances.json", old_json)
 
 
 def generate_synthetic(out_dir: str | os.PathLike, *, num_images: int, image_size: int = 256,
@@ -263,31 +398,61 @@ def generate_synthetic(out_dir: str | os.PathLike, *, num_images: int, image_siz
     ``max_occlusion`` (0.95) are dropped. The same ``seed`` gives byte-identical JSON and images,
     whatever ``workers`` is. Extra keywords are :class:`SynthConfig` fields.
 
+    The whole set is written to a staging folder beside ``out_dir``
+    (``.<name>.partial-<pid>``) and swapped in when complete: ``out_dir/images`` is replaced
+    as a whole and ``instances.json`` is moved in last, so a run that is interrupted, killed or
+    out of disk leaves the previous complete set or no ``instances.json`` (nothing that loads), never
+    new images beside old annotations. Other files in ``out_dir`` are left alone. Worker processes
+    end with the run, also when it is killed; a later run removes stale staging folders of the
+    same ``out_dir``.
+
     Example:
         >>> root = generate_synthetic("data/synth", num_images=500, image_size=256, seed=0)
     """
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images must be a positive int, got {num_images!r}")
-    if not isinstance(image_size, int) or image_size < 32:
-        raise ValueError(f"image_size must be an int >= 32, got {image_size!r}")
+    check_pathlike("out_dir", out_dir)
+    check_int("num_images", num_images, minimum=1)
+    check_int("image_size", image_size, minimum=32)
+    check_int("seed", seed, minimum=0)
+    check_int("workers", workers, minimum=1)
+    check_bool("progress", progress)
     unknown = set(config) - set(SynthConfig.__dataclass_fields__)
     if unknown:
         raise TypeError(f"generate_synthetic got unknown option(s) {sorted(unknown)}; "
                         f"valid: {sorted(SynthConfig.__dataclass_fields__)}")
     cfg = SynthConfig(image_size=image_size, **config)
-    out = Path(out_dir)
-    image_dir, ann_dir = out / "images", out / "annotations"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    ann_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out_dir exists and is not a folder: {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_staging(out)
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with _sigterm_as_exit():
+            _write_set(stage, cfg, num_images=num_images, seed=seed, workers=workers, progress=progress)
+            with locked(out):
+                _swap_in(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return Path(out_dir)
+
+
+def _write_set(stage: Path, cfg: SynthConfig, *, num_images: int, seed: int, workers: int,
+               progress: bool) -> None:
+    """Render every image into ``stage/images`` and write ``stage/annotations/instances.json``."""
+    image_dir = stage / "images"
+    image_dir.mkdir(parents=True)
     jobs = [(i, seed, cfg, str(image_dir)) for i in range(num_images)]
-    results = _iter_rendered(jobs, workers)
+    rendered = _iter_rendered(jobs, workers)
+    results = rendered
     if progress:
         from tqdm import tqdm
-        results = tqdm(results, total=num_images, desc="synth", unit="img")
+        results = tqdm(rendered, total=num_images, desc="synth", unit="img")
     images, annotations = [], []
-    for index, anns in results:
-        images.append({"id": index + 1, "file_name": f"{index:06d}.png", "width": image_size, "height": image_size})
-        annotations.extend(anns)
+    with contextlib.closing(rendered):  # ends the pool at once if anything below fails
+        for index, anns in results:
+            images.append({"id": index + 1, "file_name": f"{index:06d}.png", "width": cfg.image_size,
+                           "height": cfg.image_size})
+            annotations.extend(anns)
     for i, ann in enumerate(annotations, start=1):
         ann["id"] = i
     dataset = {
@@ -297,25 +462,34 @@ def generate_synthetic(out_dir: str | os.PathLike, *, num_images: int, image_siz
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASSES)],
     }
-    # write atomically: an interrupted run never leaves a truncated instances.json behind
-    tmp = ann_dir / "instances.json.tmp"
-    tmp.write_text(json.dumps(dataset, separators=(",", ":")))
-    os.replace(tmp, ann_dir / "instances.json")
-    return out
+    atomic_write_json(stage / "annotations" / "instances.json", dataset, separators=(",", ":"))
 
 
 def preview(root: str | os.PathLike, out_png: str | os.PathLike, *, num_images: int = 8,
             columns: int = 4) -> Path:
     """Draw the first ``num_images`` images of a dataset with boxes coloured by occlusion
-    (green: none <= 0.1, orange: partial <= 0.5, red: heavy), tiled into one PNG."""
+    (green: none <= 0.1, orange: partial <= 0.5, red: heavy), tiled into one PNG written
+    atomically. Images are looked up with :func:`~visattn.data.resolve_image` and read like the
+    data module reads them (deeper than 8 bits: scaled to 8 for display)."""
+    from .coco import load_coco
+
+    check_pathlike("root", root)
+    check_pathlike("out_png", out_png)
+    check_int("num_images", num_images, minimum=1)
+    check_int("columns", columns, minimum=1)
     root = Path(root)
-    data = json.loads((root / "annotations" / "instances.json").read_text())
+    ann_path = root / "annotations" / "instances.json"
+    data = load_coco(ann_path)
     by_image: dict[int, list[dict]] = {}
     for ann in data["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
     tiles = []
-    for info in data["images"][:num_images]:
-        im = Image.open(root / "images" / info["file_name"]).convert("RGB")
+    for info in sorted(data["images"], key=lambda im: im["id"])[:num_images]:
+        path = resolve_image(root / "images", info["file_name"], image_id=info["id"], source=ann_path)
+        pixels = read_image(path, width=info.get("width"), height=info.get("height"), image_id=info["id"])
+        if pixels.dtype != np.uint8:
+            pixels = np.round(pixels * 255.0).astype(np.uint8)
+        im = Image.fromarray(pixels)
         draw = ImageDraw.Draw(im)
         for ann in by_image.get(info["id"], []):
             occ = ann.get("occlusion", 0.0)
@@ -331,6 +505,6 @@ def preview(root: str | os.PathLike, out_png: str | os.PathLike, *, num_images: 
     for i, t in enumerate(tiles):
         sheet.paste(t, ((i % columns) * w, (i // columns) * h))
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out_png)
+    with atomic_path(out_png) as tmp:
+        sheet.save(tmp, format=Image.registered_extensions().get(out_png.suffix.lower(), "PNG"))
     return out_png

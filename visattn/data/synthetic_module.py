@@ -4,13 +4,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+from dataclasses import asdict
 from pathlib import Path
 
+from ._checks import check_int, check_pathlike
 from .coco import CategoryMap, CocoDataModule
-from .synthetic import CLASSES, generate_synthetic
+from .synthetic import CLASSES, SynthConfig, generate_synthetic, locked
 
 __all__ = ["SyntheticDataModule", "default_cache_dir"]
+
+# bump when the generator's output changes for the same settings, so old caches are not reused
+GENERATOR_VERSION = 1
 
 
 def default_cache_dir() -> Path:
@@ -20,27 +24,44 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "visattn"
 
 
+def _expected_info(num_images: int, seed: int, cfg: SynthConfig) -> dict:
+    return {"seed": seed, "num_images": num_images, "config": asdict(cfg)}
+
+
 class SyntheticDataModule(CocoDataModule):
     """Train and validation splits of :func:`~visattn.data.generate_synthetic`, cached.
 
-    The splits are written once under ``root`` (default: the cache dir, in a folder named by the
-    generator settings) by ``prepare_data``, which Lightning runs on one process; a split is
-    generated into a temporary folder and renamed into place when complete, so an interrupted run
-    never leaves a half-written cache that a later run would trust.
+    The splits are written once under ``root`` (default: the cache dir, in a folder named by a
+    hash of every generator setting and the generator's version) by ``prepare_data``, which
+    Lightning runs on one process. :func:`~visattn.data.generate_synthetic` stages each split and
+    swaps it in whole, so an interrupted run never leaves a half-written cache that a later run
+    would trust; concurrent runs on one cache take turns (a POSIX lock on ``root``) and the second
+    finds the split made. A split already in ``root`` is used only when its recorded settings
+    (``info`` of its ``instances.json``) are the ones asked for; otherwise it is an error naming
+    the folder, never a silent reuse of a different set.
 
     Args:
         num_train / num_val: images per split (different seeds: ``seed`` and ``seed + 1``).
-        image_size: side of the generated images; also the loader's resize.
+        image_size: side of the generated images (>= 32); also the loader's resize.
         root: where the splits go (default: cache). Other arguments as :class:`CocoDataModule`.
+        gen_workers: generator processes.
     """
 
     def __init__(self, num_train: int = 1000, num_val: int = 200, image_size: int = 256, seed: int = 0,
                  root: str | None = None, *, batch_size: int = 8, num_workers: int = 0,
                  augment: str | None = "flip", masks: bool = False, semantic: bool = False,
                  val_batch_size: int | None = None, gen_workers: int = 1) -> None:
-        key = hashlib.sha1(json.dumps([num_train, num_val, image_size, seed]).encode()).hexdigest()[:10]
-        self.root = Path(root) if root else default_cache_dir() / f"synthetic-{key}"
+        check_int("num_train", num_train, minimum=1)
+        check_int("num_val", num_val, minimum=1)
+        check_int("image_size", image_size, minimum=32)
+        check_int("seed", seed, minimum=0)
+        check_int("gen_workers", gen_workers, minimum=1)
+        check_pathlike("root", root, optional=True)
+        self.gen_config = SynthConfig(image_size=image_size)
         self.splits = {"train": (num_train, seed), "val": (num_val, seed + 1)}
+        settings = {split: _expected_info(n, s, self.gen_config) for split, (n, s) in self.splits.items()}
+        key = hashlib.sha1(json.dumps([GENERATOR_VERSION, settings], sort_keys=True).encode()).hexdigest()[:10]
+        self.root = Path(root) if root else default_cache_dir() / f"synthetic-{key}"
         self.gen_image_size, self.gen_workers = image_size, gen_workers
         super().__init__(str(self.root / "train" / "images"), str(self.root / "train" / "annotations" / "instances.json"),
                          str(self.root / "val" / "images"), str(self.root / "val" / "annotations" / "instances.json"),
@@ -52,14 +73,27 @@ class SyntheticDataModule(CocoDataModule):
         # known without the files, so num_classes can be linked before prepare_data runs
         return CategoryMap([{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)])
 
+    def _is_made(self, split: str) -> bool:
+        """Whether ``split`` is in ``root`` with the settings asked for (error if with others)."""
+        ann = self.root / split / "annotations" / "instances.json"
+        if not ann.is_file():
+            return False
+        n, seed = self.splits[split]
+        want = _expected_info(n, seed, self.gen_config)
+        try:
+            info = json.loads(ann.read_text()).get("info", {})
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"{ann}: cannot read the cached synthetic split ({e}); delete {self.root / split}") from None
+        got = {k: info.get(k) for k in want}
+        if got != want:
+            diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+            raise ValueError(f"{self.root / split} holds a synthetic split made with other settings "
+                             f"(found, wanted: {diff!r:.300}); delete it or choose another root")
+        return True
+
     def prepare_data(self) -> None:
-        for split, (n, seed) in self.splits.items():
-            final = self.root / split
-            if (final / "annotations" / "instances.json").is_file():
-                continue
-            tmp = self.root / f".{split}.partial-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            generate_synthetic(tmp, num_images=n, image_size=self.gen_image_size, seed=seed,
-                               workers=self.gen_workers, progress=True)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+        with locked(self.root):
+            for split, (n, seed) in self.splits.items():
+                if not self._is_made(split):
+                    generate_synthetic(self.root / split, num_images=n, image_size=self.gen_image_size,
+                                       seed=seed, workers=self.gen_workers, progress=True)

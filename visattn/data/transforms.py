@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import albumentations as A
 
+from ._checks import check_int
+
 __all__ = ["PRESETS", "build_transform"]
 
 PRESETS = ("none", "flip", "small_objects")
@@ -27,7 +29,12 @@ def _bbox_params(min_visibility: float) -> A.BboxParams:
 
 def build_transform(augment: str | A.BasicTransform | None, image_size: int | None) -> A.Compose | None:
     """The pipeline for a preset name (see module docstring) or a custom albumentations transform;
-    ``None`` when there is nothing to do (no resize, no augmentation)."""
+    ``None`` when there is nothing to do (no resize, no augmentation). ``image_size`` is ``None``
+    (keep the size) or a positive int, the longest side after resizing.
+
+    Images may be ``uint8`` or, for sources deeper than 8 bits, ``float32`` in 0..1 (see
+    :mod:`visattn.data.images`); the presets handle both, a custom transform must too."""
+    check_int("image_size", image_size, minimum=1, optional=True)
     resize = [A.LongestMaxSize(max_size=image_size)] if image_size else []
     if augment is None or augment == "none":
         return A.Compose(resize, bbox_params=_bbox_params(0.0)) if resize else None
