@@ -297,3 +297,16 @@ def test_shipped_entry_is_verified_and_loads_strictly(name, monkeypatch):
     assert path.stat().st_size == entry["file_size"]
     model = weights.load_pretrained(name)  # num_params checked, strict load
     assert sum(p.numel() for p in model.parameters()) == entry["num_params"]
+
+
+def test_republishing_the_same_weights_adds_an_evaluation_set(published, tmp_path):
+    _, entry, manifest = published
+    report = tmp_path / "run" / "report16.json"
+    report.write_text(json.dumps({"result": {"AP": 0.5}}))
+    again = weights.publish(tmp_path / "run" / "last.ckpt", name="fcos_resnet10t_none.tiny",
+                            config=tmp_path / "run" / "config.yaml", report=report, command="pytest", seed=0,
+                            metrics_set="val-16", eval_command="validate on 16")
+    assert again["sha256"] == entry["sha256"]
+    assert again["metrics"] == {**entry["metrics"], "val-16": {"AP": 50.0}}
+    assert again["recipe"]["evaluations"] == {"val-16": "validate on 16"}
+    assert json.loads(manifest.read_text())["models"]["fcos_resnet10t_none.tiny"] == again

@@ -486,8 +486,8 @@ def _state_dict_from_checkpoint(checkpoint: Path) -> dict:
 
 def publish(checkpoint: str | os.PathLike, *, name: str, config: str | os.PathLike, report: str | os.PathLike,
             command: str, seed: int, fp16: bool = True, metrics_set: str = "synthetic-val",
-            license: str = "Apache-2.0", notes: str | None = None,
-            manifest: str | os.PathLike | None = None) -> dict:
+            eval_command: str | None = None, recipe_config: str | None = None, license: str = "Apache-2.0",
+            notes: str | None = None, manifest: str | os.PathLike | None = None) -> dict:
     """Turn a training checkpoint into a shipped safetensors file and its manifest entry.
 
     Args:
@@ -499,6 +499,11 @@ def publish(checkpoint: str | os.PathLike, *, name: str, config: str | os.PathLi
             numbers become ``metrics[metrics_set]``. Validate the *published* weights
             (``train.py validate --weights NAME``) and publish again to record their own numbers.
         command, seed: how the run was made (the recipe); fp16: store floats as half precision.
+        eval_command: the command that wrote ``report`` (kept per evaluation set in the recipe).
+        recipe_config: the config file of the recipe (e.g. ``configs/quickstart.yaml``).
+
+    Publishing the same weights again (same sha256) with another ``metrics_set`` adds that set's
+    numbers to the entry and keeps the others; new weights start a new entry.
 
     The file goes beside the manifest (``weights/``). Returns the entry; the file and the manifest
     are written atomically.
@@ -532,7 +537,9 @@ def publish(checkpoint: str | os.PathLike, *, name: str, config: str | os.PathLi
     manifest = Path(manifest) if manifest is not None else manifest_path()
     target = manifest.parent / f"{name}.safetensors"
     with atomic_path(target) as tmp:
-        save_file(state, str(tmp), metadata={"name": name, "visattn_version": __version__})
+        # one metadata key only: safetensors stores metadata in a hash map, so several keys come out
+        # in a random order and the same weights would get a different sha256 each time
+        save_file(state, str(tmp), metadata={"format": "pt"})
     entry = {
         "sha256": sha256_file(target), "file_size": target.stat().st_size, "format": "safetensors",
         "path": target.name, "num_params": sum(p.numel() for p in model.parameters()),
@@ -542,8 +549,16 @@ def publish(checkpoint: str | os.PathLike, *, name: str, config: str | os.PathLi
                    "torch_version": torch.__version__, **({"notes": notes} if notes else {})},
         "license": license,
     }
-    validate_entry(name, entry)
     models = load_manifest(manifest)
+    old = models.get(name)
+    if old is not None and old["sha256"] == entry["sha256"]:  # same weights: add this evaluation set
+        entry["metrics"] = {**old["metrics"], **entry["metrics"]}
+        entry["recipe"] = {**old["recipe"], **entry["recipe"]}
+    if eval_command:
+        entry["recipe"].setdefault("evaluations", {})[metrics_set] = eval_command
+    if recipe_config:
+        entry["recipe"]["config"] = recipe_config
+    validate_entry(name, entry)
     models[name] = entry
     atomic_write_json(manifest, {"models": dict(sorted(models.items()))}, indent=1)
     return entry
