@@ -27,3 +27,17 @@ def test_write_creates_parents_and_keeps_the_suffix(tmp_path):
         tmp.write_bytes(b"png")
     assert target.read_bytes() == b"png"
     assert atomic_write_text(tmp_path / "t.md", "x").read_text() == "x"
+
+
+def test_new_file_gets_the_usual_mode_and_an_old_file_keeps_its_own(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        assert (atomic_write_text(tmp_path / "new.md", "x").stat().st_mode & 0o777) == 0o644
+        old = tmp_path / "old.md"
+        old.write_text("old")
+        old.chmod(0o640)
+        assert (atomic_write_text(old, "new").stat().st_mode & 0o777) == 0o640
+    finally:
+        os.umask(umask)

@@ -310,3 +310,52 @@ def test_republishing_the_same_weights_adds_an_evaluation_set(published, tmp_pat
     assert again["metrics"] == {**entry["metrics"], "val-16": {"AP": 50.0}}
     assert again["recipe"]["evaluations"] == {"val-16": "validate on 16"}
     assert json.loads(manifest.read_text())["models"]["fcos_resnet10t_none.tiny"] == again
+
+
+SUBSET = "synthetic-val-16"  # the first 16 images of the synthetic validation split
+SUBSET_ARGS = ["--data.init_args.num_train=8", "--data.init_args.num_val=16"]
+
+
+def _validate_with_weights(name: str, tmp_path, extra: list[str] = ()):
+    from pathlib import Path
+
+    from visattn.lit.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    config = root / SHIPPED[name]["recipe"].get("config", "configs/quickstart.yaml")
+    return main(["validate", "--config", str(config), "--weights", name, f"--trainer.default_root_dir={tmp_path}",
+                 "--trainer.enable_progress_bar=false", *extra])
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(SHIPPED) if SUBSET in SHIPPED[n]["metrics"]])
+def test_shipped_model_reproduces_its_recorded_subset_metrics(name, tmp_path, monkeypatch):
+    monkeypatch.delenv("VISATTN_WEIGHTS_MANIFEST", raising=False)
+    monkeypatch.setenv("VISATTN_OFFLINE", "1")
+    cli = _validate_with_weights(name, tmp_path, SUBSET_ARGS)
+    got = weights.metrics_from_report(cli.model.last_eval)
+    want = SHIPPED[name]["metrics"][SUBSET]
+    for key in ("AP", "AP50", "APs", "AP_occ_heavy"):
+        assert abs(got[key] - want[key]) <= 0.1, (key, got[key], want[key])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in sorted(SHIPPED) if "synthetic-val" in SHIPPED[n]["metrics"]])
+def test_shipped_model_reproduces_its_full_validation_metrics(name, tmp_path, monkeypatch):
+    monkeypatch.delenv("VISATTN_WEIGHTS_MANIFEST", raising=False)
+    monkeypatch.setenv("VISATTN_OFFLINE", "1")
+    got = weights.metrics_from_report(_validate_with_weights(name, tmp_path).model.last_eval)
+    want = SHIPPED[name]["metrics"]["synthetic-val"]
+    for key in ("AP", "AP50", "APs"):
+        assert abs(got[key] - want[key]) <= 0.1, (key, got[key], want[key])
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--model.init_args.model.init_args.fpn_channels=128"], r"differs from the published one \(fpn_channels"),
+    (["--ckpt_path=/nonexistent.ckpt"], r"either --weights or --ckpt_path|does not exist"),
+])
+def test_weights_flag_refuses_a_different_model(extra, pattern, tmp_path, monkeypatch):
+    if not SHIPPED:
+        pytest.skip("no shipped model")
+    monkeypatch.delenv("VISATTN_WEIGHTS_MANIFEST", raising=False)
+    with pytest.raises((ValueError, FileNotFoundError), match=pattern):
+        _validate_with_weights(sorted(SHIPPED)[0], tmp_path, [*SUBSET_ARGS, *extra])

@@ -38,11 +38,23 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(final))
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _file_mode(final: Path) -> int:
+    """The mode the finished file gets: the old file's, else what ``open()`` would give (0o666
+    less the umask). ``mkstemp`` makes its file 0o600, which would hide it from other users."""
+    try:
+        return final.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

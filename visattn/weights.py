@@ -42,6 +42,8 @@ from typing import Any
 
 from torch import nn
 
+from ._io import _file_mode
+
 __all__ = [
     "ChecksumError",
     "DownloadError",
@@ -287,6 +289,7 @@ def _download_one(url: str, sha256: str, dest: Path, file_size: int | None) -> N
                                 f"({have} bytes); the file was not kept")
         if file_size is not None and have != file_size:
             raise ChecksumError(f"size mismatch for {url}: expected {file_size} bytes, got {have}")
+        os.chmod(tmp, _file_mode(dest))
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -357,6 +360,7 @@ def _from_hub(entry: dict, folder: Path) -> Path:
     os.close(fd)
     try:
         shutil.copyfile(local, name)
+        os.chmod(name, _file_mode(dest))
         os.replace(name, dest)
     finally:
         Path(name).unlink(missing_ok=True)
