@@ -359,3 +359,63 @@ def test_weights_flag_refuses_a_different_model(extra, pattern, tmp_path, monkey
     monkeypatch.delenv("VISATTN_WEIGHTS_MANIFEST", raising=False)
     with pytest.raises((ValueError, FileNotFoundError), match=pattern):
         _validate_with_weights(sorted(SHIPPED)[0], tmp_path, [*SUBSET_ARGS, *extra])
+
+
+@pytest.mark.parametrize("backbone", ["resnet10t", "torchvision:resnet18"])
+def test_imagenet_backbone_that_cannot_be_fetched_says_so(backbone, monkeypatch):
+    import timm
+    import torchvision
+
+    from visattn.models import build_detector
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setenv("VISATTN_OFFLINE", "1")
+    monkeypatch.setattr(timm, "create_model", no_network)
+    monkeypatch.setattr(torchvision.models, "get_model", no_network)
+    with pytest.raises(OSError, match=r"ImageNet weights of backbone .*need the network.*Offline mode"):
+        build_detector("fcos", backbone=backbone, num_classes=2, fpn_channels=32, pretrained_backbone=True)
+
+
+def test_hub_source_is_still_checked_against_the_manifest(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    got = tmp_path / "hub" / "model.safetensors"
+    got.parent.mkdir()
+    got.write_bytes(PAYLOAD)
+    fake = types.ModuleType("huggingface_hub")
+    calls = []
+    fake.hf_hub_download = lambda repo_id, filename, revision=None: calls.append(repo_id) or str(got)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    manifest = tmp_path / "manifest.json"
+    entry = _entry(mirrors=None, hf={"repo_id": "visattn/x", "filename": "model.safetensors"})
+    manifest.write_text(json.dumps({"models": {"fcos_r_none.hub": entry}}))
+    monkeypatch.setenv("VISATTN_WEIGHTS_MANIFEST", str(manifest))
+    path = weights.weight_file("fcos_r_none.hub")
+    assert path.read_bytes() == PAYLOAD and path.name == f"{SHA}.safetensors" and calls == ["visattn/x"]
+    assert weights.weight_file("fcos_r_none.hub") == path and calls == ["visattn/x"]  # cached: no second call
+    path.unlink()
+    got.write_bytes(b"other bytes")
+    with pytest.raises(ChecksumError, match="hf://visattn/x/model.safetensors"):
+        weights.weight_file("fcos_r_none.hub")
+    assert not path.exists()
+
+
+def test_weights_cli(capsys, monkeypatch):
+    from visattn.cli import main
+
+    monkeypatch.delenv("VISATTN_WEIGHTS_MANIFEST", raising=False)
+    monkeypatch.setenv("VISATTN_OFFLINE", "1")
+    assert main(["weights", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SHIPPED)
+    assert main(["weights", "table"]) == 0
+    assert capsys.readouterr().out == weights.format_table(SHIPPED)
+    assert main(["weights", "verify", "--all"]) == 0
+    assert capsys.readouterr().out.count(": OK") == len(SHIPPED)
+    assert main(["weights", "info", "fcos_resnet10t_eca.synth265"]) == 2
+    assert "did you mean fcos_resnet10t_eca.synth256" in capsys.readouterr().err
+    assert main(["weights", "verify"]) == 2
+    assert "give a NAME or --all" in capsys.readouterr().err

@@ -70,7 +70,28 @@ class Body(nn.Module):
 
 def _all_levels(lib: str, model: str, pretrained: bool, output_stride: int | None,
                 frozen_bn: bool) -> tuple[nn.Module, list[int], list[int]]:
-    """A feature extractor over every stage, with each stage's channels and stride."""
+    """A feature extractor over every stage, with each stage's channels and stride. ImageNet
+    weights (``pretrained``) come from timm / torchvision, downloaded on first use; a failure to
+    get them is an ``OSError`` that says so (and whether offline mode is set)."""
+    if not pretrained:
+        return _build_levels(lib, model, False, output_stride, frozen_bn)
+    try:
+        return _build_levels(lib, model, True, output_stride, frozen_bn)
+    except ValueError:
+        raise
+    except Exception as e:  # hub / HTTP / cache errors of two libraries
+        from ..weights import is_offline
+
+        offline = (" Offline mode (VISATTN_OFFLINE / HF_HUB_OFFLINE) is set, so only weights already in "
+                   "the timm / torch hub cache can load.") if is_offline() else ""
+        raise OSError(f"could not get the ImageNet weights of backbone {model!r} from {lib} "
+                      f"({type(e).__name__}: {e}). They are downloaded on first use and need the network."
+                      f"{offline} Use pretrained_backbone=False to train from scratch, or a published "
+                      "visattn model (visattn.weights.load_pretrained).") from e
+
+
+def _build_levels(lib: str, model: str, pretrained: bool, output_stride: int | None,
+                  frozen_bn: bool) -> tuple[nn.Module, list[int], list[int]]:
     if lib == "timm":
         kw = {} if output_stride is None else {"output_stride": output_stride}
         features = timm.create_model(model, features_only=True, pretrained=pretrained, **kw)
