@@ -20,7 +20,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 
-from ._checks import check_bool, check_int, check_pathlike
+from .._checks import check_bool, check_int, check_pathlike
 from .images import read_image, resolve_image
 from .transforms import build_transform
 

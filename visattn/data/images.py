@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 from PIL import Image, ImageOps
 
-from ._checks import check_int, check_pathlike
+from .._checks import check_int, check_pathlike
 
 __all__ = ["decode_image", "orient_image", "read_image", "resolve_image"]
 

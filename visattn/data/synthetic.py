@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from .._checks import check_bool, check_int, check_pathlike
 from .._io import atomic_path, atomic_write_json
-from ._checks import check_bool, check_int, check_pathlike
 from .images import read_image, resolve_image
 
 __all__ = ["CLASSES", "SynthConfig", "generate_synthetic", "preview", "render_image"]

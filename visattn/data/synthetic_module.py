@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from ._checks import check_int, check_pathlike
+from .._checks import check_int, check_pathlike
 from .coco import CategoryMap, CocoDataModule
 from .synthetic import CLASSES, SynthConfig, generate_synthetic, locked
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import albumentations as A
 
-from ._checks import check_int
+from .._checks import check_int
 
 __all__ = ["PRESETS", "build_transform"]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._checks import check_int, check_real
 from .core import (
     OCCLUSION_BUCKETS,
     SIZE_BINS,
@@ -22,8 +23,6 @@ from .core import (
     _evaluator,
     _load_res,
     _with_area,
-    check_int,
-    check_real,
     occlusion_range,
     prepare,
 )

@@ -11,7 +11,6 @@ import copy
 import io
 import json
 import math
-import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from .._checks import check_bool, check_choice, check_real, is_int, is_real
 
 __all__ = [
     "BACKENDS", "OCCLUSION_BUCKETS", "SIZE_BINS", "STANDARD_KEYS", "evaluate", "load_gt", "load_predictions",
@@ -48,50 +49,11 @@ IOU_TYPES = ("bbox", "segm")
 # Argument checks: each names the bad argument and what was expected
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)
+_is_int, _is_real = is_int, is_real
 
 
 def _finite(v) -> bool:
     return _is_real(v) and math.isfinite(v)
-
-
-def check_choice(name: str, value, choices: Sequence[str]) -> str:
-    """``value`` if it is one of ``choices``; else ``ValueError`` (``TypeError`` if not a str)."""
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be one of {', '.join(map(repr, choices))}, got {type(value).__name__} {value!r:.60}")
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-def check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r:.60}")
-    return bool(value)
-
-
-def check_int(name: str, value, minimum: int) -> int:
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r:.60}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_real(name: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
-    """``value`` as a float if it is a finite number in the interval; else an error naming ``name``."""
-    span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-    if not _is_real(value):
-        raise TypeError(f"{name} must be a finite number in {span}, got {type(value).__name__} {value!r:.60}")
-    inside = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
-    if not (math.isfinite(value) and inside):
-        raise ValueError(f"{name} must be a finite number in {span}, got {value!r}")
-    return float(value)
 
 
 # --------------------------------------------------------------------------------------------------

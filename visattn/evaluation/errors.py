@@ -24,6 +24,7 @@ import copy
 
 import numpy as np
 
+from .._checks import check_int
 from .core import (
     SIZE_BINS,
     _attach_rles,
@@ -34,7 +35,6 @@ from .core import (
     _load_res,
     _mean_valid,
     canonical_order,
-    check_int,
     load_gt,
     load_predictions,
     prepare,

@@ -15,6 +15,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from pycocotools import mask as mask_utils
 from torch import nn
 
+from .._checks import check_bool as _check_bool
+from .._checks import check_choice as _check_choice
+from .._checks import check_int as _check_int
 from .checkpoint import check_finite_state, check_state_dict_matches
 
 __all__ = ["NAN_POLICIES", "CheckedModule", "DetectionModule", "WarmupCosineLR", "check_resume", "configure_optimizers",
@@ -29,28 +32,6 @@ IOU_TYPES = ("bbox", "segm")
 _PROGRESS_KEYS = frozenset({"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial",
                             "base_lrs", "best", "num_bad_epochs", "cooldown_counter", "T_cur", "T_i",
                             "lr_lambdas", "verbose"})
-
-
-def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be one of {choices}, got {type(value).__name__} {value!r:.60}")
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r:.60}")
-    return value
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r:.60}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_factory(name: str, value) -> None:
