@@ -94,6 +94,9 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     return default_cache_dir() / "weights"
 
 
+_cache_folder = cache_dir  # the functions below take a ``cache_dir`` argument that hides it
+
+
 def manifest_path() -> Path:
     """``$VISATTN_WEIGHTS_MANIFEST`` if set, else ``weights/manifest.json`` of this checkout."""
     return Path(os.environ.get("VISATTN_WEIGHTS_MANIFEST") or WEIGHTS_DIR / "manifest.json")
@@ -306,6 +309,18 @@ def _cached(sha256: str, folder: Path) -> Path | None:
     return None
 
 
+def _from_cache(sha256: str, override, what: str, how: str) -> tuple[Path, Path | None]:
+    """The cache folder (created) and the intact cached file, if any. Offline, a file not cached is
+    an :class:`OfflineError` naming ``what`` and saying ``how`` to get it; no request is made."""
+    folder = _cache_folder(override)
+    folder.mkdir(parents=True, exist_ok=True)
+    hit = _cached(sha256, folder)
+    if hit is None and is_offline():
+        raise OfflineError(f"{what} is not in the cache {folder} and offline mode (VISATTN_OFFLINE / "
+                           f"HF_HUB_OFFLINE) forbids downloading it; {how}")
+    return folder, hit
+
+
 def download(url: str | Sequence[str], *, sha256: str, cache_dir: str | os.PathLike | None = None,
              file_size: int | None = None) -> Path:
     """Fetch a file into the cache, verified, and return its path (``<cache>/<sha256>.safetensors``).
@@ -321,15 +336,10 @@ def download(url: str | Sequence[str], *, sha256: str, cache_dir: str | os.PathL
         raise ValueError(f"url must be an http(s) URL or a non-empty list of them, got {url!r}")
     if file_size is not None and (isinstance(file_size, bool) or not isinstance(file_size, int) or file_size < 1):
         raise ValueError(f"file_size must be a positive int or None, got {file_size!r}")
-    folder = globals()["cache_dir"](cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    hit = _cached(sha256, folder)
+    folder, hit = _from_cache(sha256, cache_dir, f"{urls[0]} (sha256 {sha256[:12]}...)",
+                              f"unset it, or copy the file to <cache>/{sha256}.safetensors")
     if hit is not None:
         return hit
-    if is_offline():
-        raise OfflineError(f"{urls[0]} (sha256 {sha256[:12]}...) is not in the cache {folder} and offline mode "
-                           "(VISATTN_OFFLINE / HF_HUB_OFFLINE) forbids downloading it; unset it, or copy the "
-                           f"file to {folder / (sha256 + '.safetensors')}")
     dest = folder / f"{sha256}.safetensors"
     errors = []
     for u in urls:
@@ -380,14 +390,10 @@ def weight_file(name: str, *, cache_dir: str | os.PathLike | None = None) -> Pat
                 raise ChecksumError(f"shipped weights {shipped} of {name!r} do not match the manifest: expected "
                                     f"sha256 {sha}, got {got}")
             return shipped
-    folder = globals()["cache_dir"](cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    hit = _cached(sha, folder)
+    folder, hit = _from_cache(sha, cache_dir, f"weights of {name!r}",
+                              f"run `visattn weights download {name}` online first")
     if hit is not None:
         return hit
-    if is_offline():
-        raise OfflineError(f"weights of {name!r} are not cached in {folder} and offline mode (VISATTN_OFFLINE / "
-                           f"HF_HUB_OFFLINE) forbids downloading; run `visattn weights download {name}` online first")
     errors = []
     if entry.get("mirrors"):
         try:
