@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._capture import Capture
+
 __all__ = [
     "MAX_BLOCK_ELEMENTS",
     "AttentionBlock",
@@ -218,6 +220,9 @@ class AttentionBlock(nn.Module):
     #: Whether inference may run in batch chunks (every block whose samples are independent in
     #: ``eval()`` mode; a subclass can turn it off).
     chunked_inference: bool = True
+    #: Set by :mod:`visattn.explain` to a :class:`~visattn.layers._capture.Capture` while it records
+    #: this block's attention; ``None`` (no recording, no extra work) otherwise.
+    _capture: Capture | None = None
 
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -225,6 +230,7 @@ class AttentionBlock(nn.Module):
     def _use_chunks(self, x: torch.Tensor) -> bool:
         return (
             self.chunked_inference
+            and self._capture is None
             and not self.training
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
