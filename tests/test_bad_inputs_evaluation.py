@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pycocotools import mask as mask_utils
 
 from visattn.evaluation import (
     compare,
@@ -93,6 +94,11 @@ def _segm_gt(gt: dict) -> dict:
     return gt
 
 
+def _empty_counts(h: int, w: int) -> str:
+    """The compressed RLE counts of an empty h x w mask (pycocotools' own encoding)."""
+    return mask_utils.encode(np.zeros((h, w), np.uint8, order="F"))["counts"].decode()
+
+
 def _ev(gt, preds, **kw):
     return evaluate(gt, preds, errors=False, **kw)
 
@@ -132,8 +138,24 @@ CASES = [
     ("segm-uncompressed", lambda g, p, t: _ev(_segm_gt(g), _spoil(_segm_preds(g), segmentation={
         "size": [64, 64], "counts": [0, 5, 4091]}), iou_type="segm"), ValueError, r"predictions\[1\].*segmentation"),
     ("segm-wrong-size", lambda g, p, t: _ev(_segm_gt(g), _spoil(_segm_preds(g), segmentation={
-        "size": [32, 64], "counts": "0"}), iou_type="segm"), ValueError,
+        "size": [32, 64], "counts": _empty_counts(32, 64)}), iou_type="segm"), ValueError,
      r"predictions\[1\].*segmentation size \[32, 64\] differs.*\[64, 64\]"),
+    # corrupt compressed counts: pycocotools would read them silently (wrong area, or a long loop)
+    ("segm-counts-short", lambda g, p, t: _ev(_segm_gt(g), _spoil(_segm_preds(g), segmentation={
+        "size": [64, 64], "counts": "0"}), iou_type="segm"), ValueError,
+     r"predictions\[1\].*runs cover 0 pixels, not height \* width = 4096"),
+    ("segm-counts-bad-char", lambda g, p, t: _ev(_segm_gt(g), _spoil(_segm_preds(g), segmentation={
+        "size": [64, 64], "counts": "P1~~"}), iou_type="segm"), ValueError,
+     r"predictions\[1\].*corrupt.*not an RLE character"),
+    ("segm-counts-truncated", lambda g, p, t: _ev(_segm_gt(g), _spoil(_segm_preds(g), segmentation={
+        "size": [64, 64], "counts": _empty_counts(64, 64)[:-1] + "o"}), iou_type="segm"), ValueError,
+     r"predictions\[1\].*(truncated|runs cover)"),
+    ("gt-rle-counts-corrupt", lambda g, p, t: _ev(_spoil_gt(_segm_gt(g), segmentation={
+        "size": [64, 64], "counts": "0"}), _segm_preds(g), iou_type="segm"), ValueError,
+     r"annotations\[2\].*not a valid RLE: its runs cover 0 pixels"),
+    ("gt-rle-list-short", lambda g, p, t: _ev(_spoil_gt(_segm_gt(g), segmentation={
+        "size": [64, 64], "counts": [10, 5]}), _segm_preds(g), iou_type="segm"), ValueError,
+     r"annotations\[2\].*runs cover 15 pixels"),
     ("segm-missing", lambda g, p, t: _ev(_segm_gt(g), _spoil(_segm_preds(g), segmentation=...), iou_type="segm"),
      ValueError, r"predictions\[1\] needs keys.*segmentation"),
     ("segm-some-boxes", lambda g, p, t: _ev(_segm_gt(g), _spoil(_segm_preds(g), 2, bbox=[1, 1, 2, 2]),

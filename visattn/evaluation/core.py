@@ -20,6 +20,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from .._checks import check_bool, check_choice, check_real, is_int, is_real
+from .._rle import rle_problem
 
 __all__ = [
     "BACKENDS", "OCCLUSION_BUCKETS", "SIZE_BINS", "STANDARD_KEYS", "evaluate", "load_gt", "load_predictions",
@@ -123,8 +124,10 @@ def _check_gt_segmentation(segm, where: str, source: str) -> None:
         ok = bool(segm) and all(isinstance(poly, list | tuple) and len(poly) >= 6 and len(poly) % 2 == 0
                                 and all(_finite(v) for v in poly) for poly in segm)
     else:
-        ok = isinstance(segm, dict) and isinstance(segm.get("counts"), str | bytes | list) \
-            and isinstance(segm.get("size"), list | tuple) and len(segm["size"]) == 2
+        problem = rle_problem(segm)
+        if problem is not None:
+            _gt_fail(source, f"{where} segmentation is not a valid RLE: {problem}")
+        return
     if not ok:
         _gt_fail(source, f"{where} segmentation must be polygons (lists of >= 3 finite x, y pairs) or an "
                          f"RLE dict with 'size' and 'counts', got {segm!r:.120}")
@@ -186,10 +189,11 @@ def load_predictions(predictions) -> list[dict]:
     return predictions
 
 
-def _check_rle(segm) -> bool:
-    return (isinstance(segm, dict) and isinstance(segm.get("counts"), str | bytes)
-            and isinstance(segm.get("size"), list | tuple) and len(segm["size"]) == 2
-            and all(_is_int(v) and v > 0 for v in segm["size"]))
+def _rle_prediction_problem(segm) -> str | None:
+    """Why a predicted ``segmentation`` is not a compressed RLE of whole runs, or ``None``."""
+    if not (isinstance(segm, dict) and isinstance(segm.get("counts"), str | bytes)):
+        return "it must be a compressed RLE dict {'size': [h, w], 'counts': str} (pycocotools.mask.encode)"
+    return rle_problem(segm)
 
 
 def _check_entry(i: int, p, iou_type: str, need: tuple[str, ...], with_box: bool) -> None:
@@ -212,9 +216,8 @@ def _check_entry(i: int, p, iou_type: str, need: tuple[str, ...], with_box: bool
             raise ValueError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {b!r:.120}")
         if b[2] < 0 or b[3] < 0:
             raise ValueError(f"{where}: bbox width and height must be >= 0, got {b!r:.120}")
-    if iou_type == "segm" and not _check_rle(p["segmentation"]):
-        raise ValueError(f"{where}: segmentation must be a compressed RLE dict {{'size': [h, w], 'counts': str}} "
-                         f"(pycocotools.mask.encode), got {p['segmentation']!r:.120}")
+    if iou_type == "segm" and (problem := _rle_prediction_problem(p["segmentation"])) is not None:
+        raise ValueError(f"{where}: segmentation is not valid: {problem}; got {p['segmentation']!r:.120}")
 
 
 def _check_predictions(gt: dict, preds: list[dict], iou_type: str) -> None:
