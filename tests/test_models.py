@@ -75,16 +75,30 @@ def test_detector_train_and_eval(arch, backbone, attention):
         assert (o["labels"] >= 1).all() and (o["labels"] <= 3).all() if len(o["labels"]) else True
 
 
-@pytest.mark.parametrize("block", visattn.list_blocks())
-def test_every_block_as_attention_trains_every_arch(block):
-    for arch in ARCHS:
+def _train_block_in(block: str, archs, segmenter_archs) -> None:
+    for arch in archs:
         model = _tiny(arch, "resnet10t", attention=block, attention_stages=[3, 4])
         _train_step(model, arch)
-    for arch in SEGMENTER_ARCHS:
+    for arch in segmenter_archs:
         model = build_segmenter(arch, backbone="resnet10t", num_classes=4, attention=block,
                                 attention_stages=[4], output_stride=None).train()
         out = model(torch.rand(2, 3, 40, 40))["out"]
         torch.nn.functional.cross_entropy(out, torch.randint(0, 4, (2, 40, 40))).backward()
+
+
+@pytest.mark.parametrize("index_block", list(enumerate(visattn.list_blocks())), ids=lambda ib: ib[1])
+def test_every_block_trains_in_a_detector_and_a_segmenter(index_block):
+    """Every registered block trains a step plugged into one detector arch and one segmenter arch;
+    the archs rotate over the registry, so every arch is covered by several blocks (the full
+    block x arch grid is the slow test below)."""
+    i, block = index_block
+    _train_block_in(block, [ARCHS[i % len(ARCHS)]], [SEGMENTER_ARCHS[i % len(SEGMENTER_ARCHS)]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", visattn.list_blocks())
+def test_every_block_as_attention_trains_every_arch(block):
+    _train_block_in(block, ARCHS, SEGMENTER_ARCHS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
