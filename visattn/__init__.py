@@ -11,3 +11,12 @@ from .registry import KINDS, BlockInfo, block_info, create_block, list_blocks
 __version__ = "0.1.0"
 
 __all__ = ["KINDS", "BlockInfo", "__version__", "block_info", "create_block", "list_blocks", "plug"]
+
+
+def __getattr__(name: str):
+    """``visattn.explain`` is imported on first use (it is not needed to build or train models)."""
+    if name == "explain":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.explain")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from ._base import check_int
 
-__all__ = ["attend", "default_heads", "merge_heads", "sincos_2d", "split_heads"]
+__all__ = ["attend", "attention_probs", "attention_totals", "default_heads", "merge_heads",
+           "record_attention", "sincos_2d", "split_heads", "spread_to_grid"]
 
 
 def default_heads(channels: int, min_head_dim: int = 16) -> int:
@@ -77,3 +78,87 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | 
     if mask is not None:
         s = s + mask
     return s.softmax(-1) @ v
+
+
+# --------------------------------------------------------------------------------------------------
+# Recording attention for visattn.explain: only ever called when a block's ``_capture`` is set.
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask)`` in float32 plain math, ``(..., L, S)``: the probabilities
+    :func:`attend` applies (its fused path never forms them). For capture only."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.float() @ k.float().transpose(-2, -1)) * scale
+    if mask is not None:
+        s = s + mask.float()
+    return s.softmax(-1)
+
+
+def spread_to_grid(m: torch.Tensor, size: tuple[int, int], stride: int = 1) -> torch.Tensor:
+    """``(N, h', w')`` values of key cells that each summarise ``stride x stride`` positions of an
+    ``(H, W)`` map (the bottom/right cells may be cut by the map's edge: zero padding) ->
+    ``(N, H, W)``, each cell's value shared evenly by the real positions it covers (a distribution
+    over keys stays a distribution over positions)."""
+    if stride == 1:
+        return m
+    h, w = size
+    kh, kw = m.shape[-2:]
+    ny = (h - stride * torch.arange(kh, device=m.device)).clamp(max=stride)  # real rows per cell
+    nx = (w - stride * torch.arange(kw, device=m.device)).clamp(max=stride)
+    m = m / (ny[:, None] * nx[None, :]).to(m.dtype)
+    return m.repeat_interleave(stride, 1).repeat_interleave(stride, 2)[:, :h, :w]
+
+
+def attention_totals(q: torch.Tensor, k: torch.Tensor, *, query: int | None = None,
+                     scale: float | None = None, mask: torch.Tensor | None = None,
+                     rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention each key receives and the attention one query pays, without ever forming the
+    whole ``L x S`` matrix (``rows`` queries at a time, float32).
+
+    ``q``: ``(N, heads, L, d)``; ``k``: ``(N, heads, S, d)``; ``mask`` as for :func:`attend`.
+    Returns ``received`` ``(N, S)`` (probabilities summed over queries, averaged over heads, divided
+    by ``L``: a distribution over keys) and the row of query index ``query`` averaged over heads,
+    ``(N, S)`` (``None`` without a query).
+    """
+    n, heads, length, _ = q.shape
+
+    def rows_of(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+        return t if t is None or t.ndim < 2 or t.shape[-2] == 1 else t[..., start:stop, :]
+
+    received = q.new_zeros(n, k.shape[2], dtype=torch.float32)
+    for start in range(0, length, rows):
+        p = attention_probs(q[:, :, start:start + rows], k, scale=scale,
+                            mask=rows_of(mask, start, start + rows))  # (N, heads, rows, S)
+        received += p.sum((1, 2))
+    received /= heads * length
+    row = None
+    if query is not None:
+        row = attention_probs(q[:, :, query:query + 1], k, scale=scale,
+                              mask=rows_of(mask, query, query + 1)).mean(1)[:, 0]  # (N, S)
+    return received, row
+
+
+def record_attention(capture, q: torch.Tensor, k: torch.Tensor, *, size: tuple[int, int],
+                     scale: float | None = None, mask: torch.Tensor | None = None,
+                     key_stride: int = 1, rows: int = 1024) -> None:
+    """Record ``"received"`` and (with a query point) ``"query"`` of a softmax attention of every
+    position of an ``(H, W)`` map over keys on the same map, or on a ``key_stride``-reduced grid of
+    it (``ceil(H / stride) x ceil(W / stride)`` keys, as spatial-reduction attention has).
+
+    ``q``: ``(N, heads, H*W, d)``; ``k``: ``(N, heads, S, d)``; ``mask`` as for :func:`attend`
+    (the same ``scale`` and ``mask`` the block gives :func:`attend`). Computed by
+    :func:`attention_totals` in plain float32 math, for the captured layer only; keys on a reduced
+    grid are spread over the positions they summarise (:func:`spread_to_grid`).
+    """
+    n, _, length, _ = q.shape
+    h, w = size
+    kh, kw = -(-h // key_stride), -(-w // key_stride)
+    if length != h * w or k.shape[2] != kh * kw:
+        raise ValueError(f"record_attention: q has {length} queries and k {k.shape[2]} keys, expected "
+                         f"{h * w} and {kh * kw} for a {h}x{w} map with key_stride {key_stride}")
+    received, row = attention_totals(q, k, query=capture.query_index(h, w), scale=scale, mask=mask,
+                                     rows=rows)
+    capture.add("received", spread_to_grid(received.view(n, kh, kw), size, key_stride))
+    if row is not None:
+        capture.add("query", spread_to_grid(row.view(n, kh, kw), size, key_stride))

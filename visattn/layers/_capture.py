@@ -16,10 +16,18 @@ context tokens of a cross-attention block); every tensor is detached, float32, o
   softmax attention over all positions);
 * ``"query"``    ``(N, H, W)`` (``(N, S)`` for cross-attention) the attention the query position
   :attr:`Capture.query` pays over the map (over the context tokens), averaged over heads.
+* ``"context"``  ``(N, S)`` attention each of the ``S`` context tokens of a cross-attention block
+  receives (summed over queries, averaged over heads, divided by the number of queries).
+
+Blocks whose attention is not one softmax over the whole map (windowed, axial, criss-cross,
+linear, external, spatial-reduction) document in their docstring what they record under these
+keys; :func:`visattn.layers._attention.record_attention` records the common case.
 
 A block records the keys that exist for it (a hybrid gate both ``"channel"`` and ``"spatial"``).
 Recording a key twice in one forward pass (a block applying two gates of one kind) multiplies
 the gates for ``"channel"``/``"spatial"`` and averages the distributions for ``"received"``/``"query"``.
+A block called again on a map of another size in the same pass (one module shared by several
+pyramid levels) keeps its first recording; :attr:`Capture.dropped` counts the others.
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ import torch
 __all__ = ["KEYS", "Capture"]
 
 #: The standard keys a block may record.
-KEYS = ("channel", "spatial", "received", "query")
+KEYS = ("channel", "spatial", "received", "query", "context")
 
 
 @dataclass
@@ -47,6 +55,8 @@ class Capture:
     query: tuple[float, float] | None = None
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     _counts: dict[str, int] = field(default_factory=dict, repr=False)
+    #: Recordings not kept, by key (a shape other than the first recording's).
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def query_index(self, h: int, w: int) -> int | None:
         """The flat index ``y * w + x`` of :attr:`query` on an ``h x w`` map (``None`` without one)."""
@@ -63,9 +73,8 @@ class Capture:
         old = self.maps.get(key)
         if old is None:
             self.maps[key], self._counts[key] = value, 1
-        elif old.shape != value.shape:
-            raise ValueError(f"capture key {key!r} recorded twice with shapes {tuple(old.shape)} "
-                             f"and {tuple(value.shape)}")
+        elif old.shape != value.shape:  # the block ran again on another map: keep the first
+            self.dropped[key] = self.dropped.get(key, 0) + 1
         elif key in ("channel", "spatial"):
             self.maps[key] = old * value
         else:  # running mean of distributions

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._attention import attend, check_heads, merge_heads, split_heads
+from ._attention import attend, attention_probs, check_heads, merge_heads, split_heads
 from ._base import AttentionBlock
 
 __all__ = ["AxialAttention"]
@@ -23,8 +23,10 @@ class _AxisAttention(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels, bias=qkv_bias, **dd)
         self.proj = nn.Linear(channels, channels, **dd)
 
-    def forward(self, seq: torch.Tensor, reference: bool) -> torch.Tensor:
+    def forward(self, seq: torch.Tensor, reference: bool, probs: list | None = None) -> torch.Tensor:
         q, k, v = (split_heads(z, self.heads) for z in self.qkv(seq).chunk(3, -1))  # (B, heads, L, d)
+        if probs is not None:  # capturing: (B, L, L), mean over heads
+            probs.append(attention_probs(q, k).mean(1))
         return self.proj(merge_heads(attend(q, k, v, reference=reference)))  # (B, L, C)
 
 
@@ -33,6 +35,12 @@ class AxialAttention(AttentionBlock):
 
     No position encoding is added (the block is equivariant to permutations within a row or a
     column); stack it after convolutions, which supply position.
+
+    Captured (:mod:`visattn.explain`): the two-step attention the block composes, ignoring the
+    residual paths: query ``(y, x)`` attends ``(y', x)`` in its column, which had attended
+    ``(y', x')`` in its row, with weight ``col_x(y -> y') * row_y'(x -> x')`` (a distribution over
+    the whole map, heads averaged per step). ``"received"`` is its mean over queries, ``"query"``
+    the query point's row.
 
     Args:
         channels: input channels C.
@@ -50,11 +58,26 @@ class AxialAttention(AttentionBlock):
         self.row = _AxisAttention(channels, self.heads, qkv_bias, dd)
         self.col = _AxisAttention(channels, self.heads, qkv_bias, dd)
 
+    def _record(self, row: torch.Tensor, col: torch.Tensor) -> None:
+        """Record the two-step attention: ``row`` ``(N, H, W, W)`` (row y: query x -> key x'),
+        ``col`` ``(N, W, H, H)`` (column x: query y -> key y')."""
+        _, h, w, _ = row.shape
+        # A[(y, x) -> (y', x')] = col[x, y, y'] * row[y', x, x']; received sums A over (y, x)
+        received = torch.einsum("nxk,nkxj->nkj", col.sum(2), row) / (h * w)  # (N, H, W)
+        self._capture.add("received", received)
+        qi = self._capture.query_index(h, w)
+        if qi is not None:
+            qy, qx = divmod(qi, w)
+            self._capture.add("query", col[:, qx, qy, :, None] * row[:, :, qx, :])  # (N, H, W)
+
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         n, c, h, w = x.shape
+        probs = [] if self._capture is not None else None
         t = x.permute(0, 2, 3, 1)  # (N, H, W, C)
-        t = t + self.row(t.reshape(n * h, w, c), self.reference).view(n, h, w, c)
+        t = t + self.row(t.reshape(n * h, w, c), self.reference, probs).view(n, h, w, c)
         cols = t.transpose(1, 2).reshape(n * w, h, c)  # (N*W, H, C)
-        t = t + self.col(cols, self.reference).view(n, w, h, c).transpose(1, 2)
+        t = t + self.col(cols, self.reference, probs).view(n, w, h, c).transpose(1, 2)
+        if probs is not None:
+            self._record(probs[0].view(n, h, w, w), probs[1].view(n, w, h, h))
         y = t.permute(0, 3, 1, 2)
         return y if out is None else out.copy_(y)

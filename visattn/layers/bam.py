@@ -23,6 +23,9 @@ class BottleneckAttention(AttentionBlock):
     The paper sums the two branches (the authors' released code multiplies them); we follow the
     paper.
 
+    Captured (:mod:`visattn.explain`): the applied gate ``1 + sigmoid(Mc + Ms)`` (in ``[1, 2]``),
+    averaged over positions as ``"channel"`` and over channels as ``"spatial"``.
+
     Args:
         channels: input channels C.
         reduction: the reduction ratio r of both branches (paper: 16).
@@ -67,6 +70,9 @@ class BottleneckAttention(AttentionBlock):
         mc = self.channel_gate(x.mean((2, 3), keepdim=True))  # (N, C, 1, 1)
         ms = self.spatial_gate(x)  # (N, 1, H, W)
         att = torch.sigmoid(mc + ms)  # (N, C, H, W)
+        if self._capture is not None:  # the applied gate 1 + att, averaged over positions / channels
+            self._capture.add("channel", 1 + att.mean((2, 3)))
+            self._capture.add("spatial", 1 + att.mean(1))
         if not att.requires_grad:
             att.add_(1)
             return torch.mul(x, att, out=out)

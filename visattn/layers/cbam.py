@@ -113,5 +113,10 @@ class CBAM(AttentionBlock):
         self.spatial = CbamSpatialGate(spatial_kernel_size, gate_layer, dd)
 
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        x = x * self.channel(x)  # (N, C, H, W)
-        return torch.mul(x, self.spatial(x), out=out)
+        gc = self.channel(x)  # (N, C, 1, 1)
+        x = x * gc  # (N, C, H, W)
+        gs = self.spatial(x)  # (N, 1, H, W)
+        if self._capture is not None:
+            self._capture.add("channel", gc.flatten(1))
+            self._capture.add("spatial", gs[:, 0])
+        return torch.mul(x, gs, out=out)

@@ -57,4 +57,6 @@ class CoordAttention(AttentionBlock):
         f_h, f_w = f.split([h, w], 2)
         g_h = self.conv_h(f_h).sigmoid()  # (N, C, H, 1)
         g_w = self.conv_w(f_w.transpose(2, 3)).sigmoid()  # (N, C, 1, W)
+        if self._capture is not None:  # mean over channels of g_h * g_w, without the (N, C, H, W) product
+            self._capture.add("spatial", torch.einsum("nch,ncw->nhw", g_h[..., 0], g_w[:, :, 0]) / g_h.shape[1])
         return torch.mul(x, g_h * g_w, out=out)

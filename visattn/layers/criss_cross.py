@@ -22,6 +22,10 @@ class CrissCrossAttention(AttentionBlock):
     itself appears in both its row and its column and is counted once (masked in the column).
     Memory is O(HW (H + W)); no HW x HW matrix and no custom kernel.
 
+    Captured (:mod:`visattn.explain`): each pass's one-hop attention over the row and column of
+    every query (``"received"``: summed over queries, divided by H*W; ``"query"``: the query
+    point's cross), averaged over the ``recurrence`` passes (not composed into their reach).
+
     Args:
         channels: input channels C.
         reduction: query/key width C // reduction (paper: 8).
@@ -41,6 +45,20 @@ class CrissCrossAttention(AttentionBlock):
         self.value = nn.Conv2d(channels, channels, 1, **dd)
         self.gamma = nn.Parameter(torch.zeros(1, **dd))
 
+    def _record(self, a_col: torch.Tensor, a_row: torch.Tensor) -> None:
+        """``a_col`` ``(N, H, W, H')``: query (h, w) -> key (h', w); ``a_row`` ``(N, H, W, W')``:
+        query (h, w) -> key (h, w')."""
+        n, h, w, _ = a_row.shape
+        received = (a_col.sum(1).transpose(1, 2) + a_row.sum(2)) / (h * w)  # (N, H, W)
+        self._capture.add("received", received)
+        qi = self._capture.query_index(h, w)
+        if qi is not None:
+            qy, qx = divmod(qi, w)
+            m = a_row.new_zeros(n, h, w)
+            m[:, :, qx] += a_col[:, qy, qx]
+            m[:, qy, :] += a_row[:, qy, qx]
+            self._capture.add("query", m)
+
     def aggregate(self, x: torch.Tensor) -> torch.Tensor:
         """One pass of criss-cross aggregation (without residual and gamma): ``(N, C, H, W)``."""
         h = x.shape[2]
@@ -51,6 +69,8 @@ class CrissCrossAttention(AttentionBlock):
         e_col = e_col.masked_fill(self_in_col, float("-inf"))
         a = torch.cat([e_col, e_row], -1).softmax(-1)  # joint softmax over H + W
         a_col, a_row = a.split([h, x.shape[3]], -1)
+        if self._capture is not None:
+            self._record(a_col, a_row)
         return torch.einsum("nhwg,ncgw->nchw", a_col, v) + torch.einsum("nhwg,nchg->nchw", a_row, v)
 
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

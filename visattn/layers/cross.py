@@ -7,9 +7,17 @@ https://arxiv.org/abs/1706.03762
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from ._attention import attend, check_heads, merge_heads, split_heads
+from ._attention import (
+    attend,
+    attention_totals,
+    check_heads,
+    merge_heads,
+    record_attention,
+    split_heads,
+)
 from ._base import AttentionBlock, _call_block, _param_dtype, check_input, check_int
 
 fx.wrap("_call_block")  # torch.fx records calls from this module too as one node (see _base)
@@ -30,6 +38,13 @@ class CrossAttention(AttentionBlock):
         context_channels: channels of the context (default C).
         heads: number of heads (must divide C); default: the most of 8/4/2 with >= 16 channels each.
         qkv_bias: biases in the q/kv projections.
+
+    Captured (:mod:`visattn.explain`): ``"context"`` ``(N, S)``, the attention each context token
+    receives, and ``"query"`` ``(N, S)``, the query point's attention over the context tokens.
+    Without a context (self-attention) ``"received"`` / ``"query"`` are maps of ``x`` as for
+    :class:`~visattn.layers.MultiHeadSelfAttention`; with a context *map* ``"received"`` is what
+    its positions receive, resampled onto ``x``'s grid (meaningful when the context covers the
+    same image, e.g. another pyramid level); a token context has no map.
 
     Example:
         >>> block = CrossAttention(256, context_channels=512)
@@ -74,6 +89,21 @@ class CrossAttention(AttentionBlock):
                              f"the batch of x {tuple(x.shape)} or is empty")
         return tokens
 
+    def _record(self, q: torch.Tensor, k: torch.Tensor, size: tuple[int, int],
+                context: torch.Tensor | None) -> None:
+        if context is None:  # self-attention over x
+            record_attention(self._capture, q, k, size=size)
+            return
+        n = q.shape[0]
+        received, row = attention_totals(q, k, query=self._capture.query_index(*size))  # (N, S) each
+        self._capture.add("context", received)
+        if row is not None:
+            self._capture.add("query", row)
+        if context.ndim == 4:  # a map: what its positions receive, resampled onto x's grid
+            rmap = F.interpolate(received.view(n, 1, *context.shape[-2:]), size=size, mode="bilinear",
+                                 align_corners=False)[:, 0]
+            self._capture.add("received", rmap / rmap.sum((1, 2), keepdim=True).clamp_min(1e-12))
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         self._refuse_root_trace(x)
         return _call_block(self, x, context)
@@ -88,6 +118,8 @@ class CrossAttention(AttentionBlock):
                              f"channels={c} needs a context")
         q = split_heads(self.q(tokens), self.heads)
         k, v = (split_heads(z, self.heads) for z in self.kv(ctx).chunk(2, -1))
+        if self._capture is not None:
+            self._record(q, k, (h, w), context)
         y = self.proj(merge_heads(attend(q, k, v, reference=self.reference)))  # (N, HW, C)
         y = x + y.transpose(1, 2).reshape(n, c, h, w)
         return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._attention import attend
+from ._attention import attend, record_attention
 from ._base import AttentionBlock, check_int
 
 __all__ = ["DualAttention"]
@@ -28,6 +28,10 @@ class DualAttention(AttentionBlock):
     In the paper the two modules sit in parallel in a segmentation head, each with its own residual,
     and their outputs are summed; as a block we keep one residual so that the output equals the
     input at initialisation.
+
+    Captured (:mod:`visattn.explain`): PAM's ``"received"`` / ``"query"`` (formed in plain math
+    for the captured layer only), and ``"channel"``: the attention each channel receives in CAM,
+    times C (1 for an even share).
 
     Args:
         channels: input channels C.
@@ -52,6 +56,8 @@ class DualAttention(AttentionBlock):
         q = self.query(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, HW, C/r)
         k = self.key(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, HW, C/r)
         v = self.value(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, HW, C)
+        if self._capture is not None:
+            record_attention(self._capture, q, k, size=(h, w), scale=1.0)
         y = attend(q, k, v, scale=1.0)  # (N, 1, HW, C)
         return y.squeeze(1).transpose(1, 2).reshape(n, c, h, w)
 
@@ -59,7 +65,10 @@ class DualAttention(AttentionBlock):
         n, c, h, w = x.shape
         flat = x.reshape(n, c, h * w)  # (N, C, HW)
         energy = torch.bmm(flat, flat.transpose(1, 2))  # (N, C, C)
-        return torch.bmm(torch.softmax(-energy, -1), flat).view(n, c, h, w)
+        attn = torch.softmax(-energy, -1)  # (N, C, C)
+        if self._capture is not None:  # attention each channel receives, times C (mean 1)
+            self._capture.add("channel", attn.float().mean(1) * c)
+        return torch.bmm(attn, flat).view(n, c, h, w)
 
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         y = x + self.gamma_pos * self.position_attention(x)

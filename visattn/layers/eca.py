@@ -72,4 +72,6 @@ class EfficientChannelAttention(AttentionBlock):
         if self.circular:
             y = F.pad(y, (self.pad, self.pad), mode="circular")
         g = self.gate(self.conv(y)).view(n, c, 1, 1)
+        if self._capture is not None:
+            self._capture.add("channel", g.view(n, c))
         return torch.mul(x, g, out=out)

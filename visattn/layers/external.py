@@ -21,6 +21,13 @@ class ExternalAttention(AttentionBlock):
     each position's slot weights divided by their sum. The authors' segmentation head ends with a
     ReLU after the residual; as a block we leave it out so the output keeps negative values.
 
+    Captured (:mod:`visattn.explain`): positions attend to memory slots, not to each other. The
+    analogue of a position-to-position attention is the path through the memory:
+    ``A_ij = sum_s slots_s(i) read_s(j)``, position ``i``'s weight on slot ``s`` (after the double
+    normalisation) times slot ``s``'s softmax over positions ``j`` (the positions the slot
+    responds to; the value a slot returns is a learned memory, not ``x_j``). Each row sums to 1;
+    ``"received"`` is its mean over queries, ``"query"`` the query point's row.
+
     Args:
         channels: input channels C.
         memory: number of memory slots S (paper: 64).
@@ -40,10 +47,23 @@ class ExternalAttention(AttentionBlock):
         self.conv_out = nn.Conv2d(channels, channels, 1, bias=False, **dd)
         self.bn = SafeBatchNorm2d(channels, **dd)
 
+    def _record(self, read: torch.Tensor, slots: torch.Tensor, h: int, w: int) -> None:
+        """``read`` ``(N, S, HW)``: each slot's softmax over positions; ``slots`` ``(N, S, HW)``:
+        each position's weights over the slots (sum 1 over S)."""
+        n = read.shape[0]
+        received = torch.einsum("ns,nsj->nj", slots.mean(2), read)  # mean_i A_ij
+        self._capture.add("received", received.view(n, h, w))
+        qi = self._capture.query_index(h, w)
+        if qi is not None:
+            self._capture.add("query", torch.einsum("ns,nsj->nj", slots[..., qi], read).view(n, h, w))
+
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         n, c, h, w = x.shape
         attn = self.mk(self.conv_in(x).flatten(2))  # (N, S, HW)
         attn = attn.softmax(-1)  # over positions
+        read = attn
         attn = attn / (1e-9 + attn.sum(1, keepdim=True))  # over memory slots
+        if self._capture is not None:
+            self._record(read.float(), attn.float(), h, w)
         y = self.mv(attn).view(n, c, h, w)  # (N, C, H, W)
         return torch.add(x, self.bn(self.conv_out(y)), out=out)

@@ -49,6 +49,10 @@ class GlobalContext(AttentionBlock):
     The "add" transform's last conv starts at zero weight (the paper's initialisation), so the block
     starts close to identity. Parameter layout matches ``timm.layers.GlobalContext`` (``conv_attn``,
     ``mlp_add``, ``mlp_scale``).
+
+    Captured (:mod:`visattn.explain`): ``"spatial"`` is the context-pooling softmax over positions
+    (with ``use_attn``; a distribution summing to 1, not a gate near 1), ``"channel"`` the
+    ``sigmoid`` scale gate (with ``fusion`` "scale" or "both").
     """
 
     def __init__(
@@ -86,12 +90,16 @@ class GlobalContext(AttentionBlock):
         n, c, h, w = x.shape
         if self.conv_attn is not None:
             attn = self.conv_attn(x).view(n, h * w, 1).softmax(1)  # (N, HW, 1)
+            if self._capture is not None:
+                self._capture.add("spatial", attn.view(n, h, w))
             context = torch.bmm(x.reshape(n, c, h * w), attn).view(n, c, 1, 1)
         else:
             context = x.mean((2, 3), keepdim=True)  # (N, C, 1, 1)
         if self.mlp_scale is None:
             return torch.add(x, self.mlp_add(context), out=out)
         scale = torch.sigmoid(self.mlp_scale(context))
+        if self._capture is not None:
+            self._capture.add("channel", scale.flatten(1))
         if self.mlp_add is None:
             return torch.mul(x, scale, out=out)
         return torch.addcmul(self.mlp_add(context), x, scale, out=out)

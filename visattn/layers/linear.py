@@ -22,6 +22,11 @@ class LinearAttention(AttentionBlock):
 
     Time O(HW d^2) and memory O(HW d + d^2) per head: 4x the positions cost 4x.
 
+    Captured (:mod:`visattn.explain`): the attention matrix the block applies implicitly,
+    ``A = rho_q(Q)^T rho_k(K)`` (each row sums to 1, since ``rho_q`` sums to 1 over channels and
+    ``rho_k`` over positions); ``"received"`` is its mean over queries and ``"query"`` the query
+    point's row, heads averaged, computed in O(HW d) without forming ``A``.
+
     Args:
         channels: input channels C.
         heads: number of heads (must divide C); default: the most of 8/4/2 with >= 16 channels each.
@@ -42,11 +47,22 @@ class LinearAttention(AttentionBlock):
         self.value = nn.Conv2d(channels, channels, 1, **dd)
         self.proj = nn.Conv2d(channels, channels, 1, **dd)
 
+    def _record(self, q: torch.Tensor, k: torch.Tensor, h: int, w: int) -> None:
+        """The implied matrix ``A = rho_q(Q)^T rho_k(K)`` (``A_ij = sum_d q_di k_dj``), without forming it."""
+        n, heads = q.shape[:2]
+        received = torch.einsum("nhd,nhdj->nj", q.mean(3), k) / heads  # mean_i A_ij, heads averaged
+        self._capture.add("received", received.view(n, h, w))
+        qi = self._capture.query_index(h, w)
+        if qi is not None:
+            self._capture.add("query", (torch.einsum("nhd,nhdj->nj", q[..., qi], k) / heads).view(n, h, w))
+
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         n, c, h, w = x.shape
         q = self.query(x).view(n, self.heads, -1, h * w).softmax(2)  # (N, heads, dk, HW): over channels
         k = self.key(x).view(n, self.heads, -1, h * w).softmax(3)  # (N, heads, dk, HW): over positions
         v = self.value(x).view(n, self.heads, -1, h * w)  # (N, heads, dv, HW)
+        if self._capture is not None:
+            self._record(q.float(), k.float(), h, w)
         context = k @ v.transpose(-2, -1)  # (N, heads, dk, dv): global context vectors
         y = (context.transpose(-2, -1) @ q).reshape(n, c, h, w)  # (N, C, H, W)
         return torch.add(x, F.conv2d(y, self.proj.weight, self.proj.bias), out=out)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._attention import attend, check_heads, sincos_2d
+from ._attention import attend, check_heads, record_attention, sincos_2d
 from ._base import AttentionBlock
 
 __all__ = ["MultiHeadSelfAttention"]
@@ -53,6 +53,8 @@ class MultiHeadSelfAttention(AttentionBlock):
             pos_qk = self.qkv.weight[:2 * c].flatten(1).to(qkv.dtype) @ pos  # (2C, HW): W_{q,k} p
             qkv = torch.cat([qkv[:, :2 * c] + pos_qk, qkv[:, 2 * c:]], 1)
         q, k, v = qkv.view(n, 3, self.heads, c // self.heads, h * w).transpose(-2, -1).unbind(1)
+        if self._capture is not None:
+            record_attention(self._capture, q, k, size=(h, w))
         y = attend(q, k, v, reference=self.reference)  # (N, heads, HW, C/heads)
         y = y.transpose(-2, -1).reshape(n, c, h, w)
         return torch.add(x, F.conv2d(y, self.proj.weight, self.proj.bias), out=out)

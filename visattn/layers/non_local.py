@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._attention import attend
+from ._attention import attend, record_attention
 from ._base import AttentionBlock, check_int
 
 __all__ = ["NonLocal"]
@@ -54,6 +54,8 @@ class NonLocal(AttentionBlock):
         q = self.theta(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, HW, C')
         k = self.phi(kv_in).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, S, C')
         v = self.g(kv_in).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, S, C')
+        if self._capture is not None:  # with sub_sample a pooled key's mass is shared by its 2x2 cell
+            record_attention(self._capture, q, k, size=(h, w), scale=1.0, key_stride=2 if self.sub_sample else 1)
         y = attend(q, k, v, scale=1.0, reference=self.reference)  # embedded Gaussian: no 1/sqrt(d)
         y = y.squeeze(1).transpose(1, 2).reshape(n, self.inter_channels, h, w)
         return torch.add(x, self.w_z(y), out=out)

@@ -51,6 +51,9 @@ class SpatialChannelSE(AttentionBlock):
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         gc = torch.sigmoid(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))  # (N, C, 1, 1)
         gs = torch.sigmoid(self.spatial(x))  # (N, 1, H, W)
+        if self._capture is not None:
+            self._capture.add("channel", gc.flatten(1))
+            self._capture.add("spatial", gs[:, 0])
         if self.mode == "add":
             return torch.mul(x, gc + gs, out=out)  # x*gc + x*gs in one pass
         # max(x*gc, x*gs) = x * (max(gc, gs) if x >= 0 else min(gc, gs)): keep the plain form

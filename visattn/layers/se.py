@@ -64,4 +64,6 @@ class SqueezeExcite(AttentionBlock):
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         s = x.mean((2, 3), keepdim=True)  # (N, C, 1, 1)
         g = self.gate(self.fc2(self.act(self.fc1(s))))  # (N, C, 1, 1)
+        if self._capture is not None:
+            self._capture.add("channel", g.flatten(1))  # (N, C)
         return torch.mul(x, g, out=out)

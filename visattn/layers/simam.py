@@ -41,6 +41,8 @@ class SimAM(AttentionBlock):
             gate = torch.sigmoid(d / scale + 0.5)
         else:  # inference: reuse d's memory instead of three more full-size temporaries
             gate = d.div_(scale).add_(0.5).sigmoid_()
+        if self._capture is not None:
+            self._capture.add("spatial", gate.mean(1))  # (N, H, W): mean over channels
         return torch.mul(x, gate, out=out)
 
     def extra_repr(self) -> str:

@@ -53,6 +53,10 @@ class SelectiveKernel(AttentionBlock):
         act_layer: activation after each BatchNorm.
 
     Same parameter layout and defaults as ``timm.layers.SelectiveKernel`` (``paths``, ``attn``).
+
+    Captured (:mod:`visattn.explain`): ``"channel"`` ``(N, C)`` is the selection weight of the
+    last (widest) kernel per channel, in ``[0, 1]``: 1 means the channel looked at the widest
+    context, ``1 / num_paths`` an even mix.
     """
 
     def __init__(
@@ -117,5 +121,7 @@ class SelectiveKernel(AttentionBlock):
         a = self.attn
         z = a.fc_select(a.act(a.bn(a.fc_reduce(s))))  # (N, P*C, 1, 1)
         w = z.view(n, self.num_paths, c, 1, 1).softmax(1)  # (N, P, C, 1, 1)
+        if self._capture is not None:  # the weight each channel gives its widest kernel
+            self._capture.add("channel", w[:, -1].view(n, c))
         y = (u * w).sum(1)  # (N, C, H, W)
         return y if out is None else out.copy_(y)

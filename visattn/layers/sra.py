@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._attention import attend, check_heads, merge_heads, split_heads
+from ._attention import attend, check_heads, merge_heads, record_attention, split_heads
 from ._base import AttentionBlock, check_int
 
 __all__ = ["SpatialReductionAttention"]
@@ -22,6 +22,10 @@ class SpatialReductionAttention(AttentionBlock):
 
     A map whose sides are not multiples of ``sr_ratio`` is zero-padded at the bottom/right before
     the reduction (so any size works, 1x1 included).
+
+    Captured (:mod:`visattn.explain`): keys live on the reduced grid; each key's attention is
+    shared evenly by the ``sr_ratio x sr_ratio`` positions it summarises, so ``"received"`` and
+    ``"query"`` are maps of the full-resolution input (padding's share dropped).
 
     Args:
         channels: input channels C.
@@ -60,6 +64,8 @@ class SpatialReductionAttention(AttentionBlock):
             kv_in = tokens
         q = split_heads(self.q(tokens), self.heads)
         k, v = (split_heads(z, self.heads) for z in self.kv(kv_in).chunk(2, -1))
+        if self._capture is not None:
+            record_attention(self._capture, q, k, size=(h, w), key_stride=self.sr_ratio)
         y = self.proj(merge_heads(attend(q, k, v, reference=self.reference)))  # (N, HW, C)
         return torch.add(x, y.transpose(1, 2).reshape(n, c, h, w), out=out)
 

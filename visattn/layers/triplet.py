@@ -62,5 +62,9 @@ class TripletAttention(AttentionBlock):
         g = g + self.hc(_zpool(x, 3).transpose(2, 3)).permute(0, 3, 2, 1)
         if self.hw is not None:
             g = g + self.hw(_zpool(x, 1))  # (N, 1, H, W)
+            if self._capture is not None:
+                self._capture.add("spatial", g.mean(1) / 3)  # (N, H, W): mean over channels
             return torch.mul(x, g.div_(3) if not g.requires_grad else g / 3, out=out)
+        if self._capture is not None:
+            self._capture.add("spatial", g.mean(1) / 2)
         return torch.mul(x, g / 2, out=out)

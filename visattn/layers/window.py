@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._attention import attend, check_heads, merge_heads, split_heads
+from ._attention import attend, attention_probs, check_heads, merge_heads, split_heads
 from ._base import AttentionBlock, check_int
 
 __all__ = ["WindowAttention"]
@@ -39,6 +39,12 @@ class WindowAttention(AttentionBlock):
     SW-MSA; no shift is applied when one window covers the whole (padded) map.
 
     Memory is O(HW * window_size^2): a 256x256 map never forms a 65k x 65k matrix.
+
+    Captured (:mod:`visattn.explain`): each query attends only inside its window, so
+    ``"received"`` is the within-window attention every position receives from the (real, not
+    padded) queries of its window, scattered back to the map and divided by H*W (a distribution
+    over the map; each window holds its queries' share); ``"query"`` is the query point's row over
+    its own window, zero outside it. Both average the heads and undo the shift.
 
     Args:
         channels: input channels C.
@@ -98,6 +104,24 @@ class WindowAttention(AttentionBlock):
         mask = torch.zeros(allowed.shape, device=device)
         return mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
 
+    def _record(self, p: torch.Tensor, n: int, h: int, w: int, hp: int, wp: int, s: int) -> None:
+        """Scatter the within-window probabilities ``p`` ``(N * nW, heads, L, L)`` back to the map."""
+        ws, hw = self.window_size, h * w
+        idx = torch.full((hp, wp), hw, dtype=torch.long, device=p.device)  # hw: a padding slot
+        idx[:h, :w] = torch.arange(hw, device=p.device).view(h, w)
+        if s:
+            idx = idx.roll((-s, -s), (0, 1))  # same roll as the features
+        idx = _partition(idx[None, ..., None], ws).squeeze(-1)  # (nW, L): map position of each slot
+        p = p.view(n, -1, *p.shape[1:]).mean(2)  # (N, nW, L, L), mean over heads
+        real = (idx < hw).to(p.dtype)  # padded queries are not counted
+        received = p.new_zeros(n, hw + 1).index_add_(1, idx.flatten(), (p * real[..., None]).sum(2).flatten(1))
+        self._capture.add("received", received[:, :hw].view(n, h, w) / hw)
+        qi = self._capture.query_index(h, w)
+        if qi is not None:
+            win, slot = divmod(int((idx.flatten() == qi).nonzero()[0]), ws * ws)
+            row = p.new_zeros(n, hw + 1).index_add_(1, idx[win], p[:, win, slot])
+            self._capture.add("query", row[:, :hw].view(n, h, w))
+
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         n, _, h, w = x.shape
         ws = self.window_size
@@ -112,6 +136,8 @@ class WindowAttention(AttentionBlock):
         mask = self._mask(h, w, hp, wp, s, x.device)
         if mask is not None:  # (nW, heads, L, L), repeated over the batch
             bias = (bias + mask.to(q.dtype)).repeat(n, 1, 1, 1)
+        if self._capture is not None:
+            self._record(attention_probs(q, k, mask=bias), n, h, w, hp, wp, s)
         y = self.proj(merge_heads(attend(q, k, v, mask=bias, reference=self.reference)))  # (N*nW, L, C)
         y = _unpartition(y, ws, n, hp, wp)
         if s:
