@@ -287,7 +287,8 @@ def test_heads_must_divide_channels():
 
 def test_registered_kinds():
     assert visattn.list_blocks("self") == sorted(
-        ["mhsa", "nonlocal", "window", "axial", "criss_cross", "linear", "external", "sra"])
+        ["mhsa", "nonlocal", "window", "axial", "criss_cross", "linear", "external", "sra",
+         "deformable", "routing", "quadtree", "adaptive"])
     assert visattn.list_blocks("cross") == ["cross"]
 
 

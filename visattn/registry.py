@@ -77,6 +77,15 @@ _BLOCKS: dict[str, BlockInfo] = {
         BlockInfo("sra", "self", "Pyramid Vision Transformer: A Versatile Backbone for Dense "
                   "Prediction without Convolutions", 2021, "https://arxiv.org/abs/2102.12122",
                   L.SpatialReductionAttention),
+        BlockInfo("routing", "self", "BiFormer: Vision Transformer with Bi-Level Routing Attention", 2023,
+                  "https://arxiv.org/abs/2303.08125", L.BiLevelRoutingAttention),
+        BlockInfo("quadtree", "self", "QuadTree Attention for Vision Transformers", 2022,
+                  "https://arxiv.org/abs/2201.02767", L.QuadtreeAttention),
+        BlockInfo("adaptive", "self", "Adaptively Sparse Transformers (alpha-entmax attention, learned "
+                  "alpha per head)", 2019, "https://arxiv.org/abs/1909.00015", L.AdaptiveSparseAttention),
+        BlockInfo("deformable", "self", "Deformable DETR: Deformable Transformers for End-to-End Object "
+                  "Detection (multi-head deformable attention)", 2021, "https://arxiv.org/abs/2010.04159",
+                  L.DeformableAttention),
         BlockInfo("cross", "cross", "Attention Is All You Need (encoder-decoder cross-attention)", 2017,
                   "https://arxiv.org/abs/1706.03762", L.CrossAttention),
     )

@@ -1,5 +1,6 @@
 """Attention blocks, one paper per module. Use :func:`visattn.create_block` to build them by name."""
 from ._base import AttentionBlock, SafeBatchNorm2d, check_input, make_divisible
+from .adaptive import AdaptiveSparseAttention, entmax_bisect
 from .axial import AxialAttention
 from .bam import BottleneckAttention
 from .cbam import CBAM
@@ -7,12 +8,15 @@ from .coord import CoordAttention
 from .criss_cross import CrissCrossAttention
 from .cross import CrossAttention
 from .danet import DualAttention
+from .deformable import DeformableAttention, MultiScaleDeformableAttention
 from .eca import EfficientChannelAttention
 from .external import ExternalAttention
 from .gc import GlobalContext
 from .linear import LinearAttention
 from .mhsa import MultiHeadSelfAttention
 from .non_local import NonLocal
+from .quadtree import QuadtreeAttention
+from .routing import BiLevelRoutingAttention
 from .scse import SpatialChannelSE
 from .se import SqueezeExcite
 from .simam import SimAM
@@ -23,19 +27,24 @@ from .window import WindowAttention
 
 __all__ = [
     "CBAM",
+    "AdaptiveSparseAttention",
     "AttentionBlock",
     "AxialAttention",
+    "BiLevelRoutingAttention",
     "BottleneckAttention",
     "CoordAttention",
     "CrissCrossAttention",
     "CrossAttention",
+    "DeformableAttention",
     "DualAttention",
     "EfficientChannelAttention",
     "ExternalAttention",
     "GlobalContext",
     "LinearAttention",
     "MultiHeadSelfAttention",
+    "MultiScaleDeformableAttention",
     "NonLocal",
+    "QuadtreeAttention",
     "SafeBatchNorm2d",
     "SelectiveKernel",
     "SimAM",
@@ -45,5 +54,6 @@ __all__ = [
     "TripletAttention",
     "WindowAttention",
     "check_input",
+    "entmax_bisect",
     "make_divisible",
 ]

@@ -4,10 +4,10 @@
 """
 from .backbone import Body, build_body, resolve_backbone
 from .detection import ARCHS, build_detector, default_anchor_sizes
-from .neck import FPNNeck, ScaleAwareAttention
+from .neck import DeformableEncoder, DynamicHead, FPNNeck, ScaleAwareAttention
 from .segmentation import SEGMENTER_ARCHS, build_segmenter
 
 __all__ = [
-    "ARCHS", "SEGMENTER_ARCHS", "Body", "FPNNeck", "ScaleAwareAttention", "build_body",
+    "ARCHS", "SEGMENTER_ARCHS", "Body", "DeformableEncoder", "DynamicHead", "FPNNeck", "ScaleAwareAttention", "build_body",
     "build_detector", "build_segmenter", "default_anchor_sizes", "resolve_backbone",
 ]

@@ -11,6 +11,7 @@ import difflib
 import inspect
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -19,10 +20,10 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from ..layers._base import check_float, check_int
-from ..registry import list_blocks
+from ..layers._base import MAX_BLOCK_ELEMENTS, check_float, check_int
+from ..registry import create_block, list_blocks
 from .backbone import build_body
-from .neck import FPNNeck
+from .neck import ACROSS_LEVELS, FPNNeck
 
 __all__ = ["ARCHS", "build_detector"]
 
@@ -43,14 +44,15 @@ _RESERVED = {
 
 
 def _neck_attention(names: object) -> list[str]:
-    """``neck_attention`` as a list of names, each ``"scale"`` or a registered block."""
+    """``neck_attention`` as a list of names, each one of ``ACROSS_LEVELS`` (``"scale"``,
+    ``"dyhead"``, ``"deformable"``) or a registered block."""
     if names is None:
         return []
     if isinstance(names, str):
         names = [names]
     elif not isinstance(names, Sequence):
         raise TypeError(f"neck_attention must be a block name or a list of them, got {names!r}")
-    valid = ["scale", *list_blocks()]
+    valid = [*ACROSS_LEVELS, *(b for b in list_blocks() if b not in ACROSS_LEVELS)]
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"neck_attention entries must be block names (str), got {name!r}")
@@ -59,6 +61,43 @@ def _neck_attention(names: object) -> list[str]:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ValueError(f"neck_attention: unknown block {name!r}{hint}; valid: {', '.join(valid)}")
     return list(names)
+
+
+def _neck_options(names: list[str], options: object, channels: int, num_levels: int) -> dict[str, dict]:
+    """``neck_attention_kwargs`` checked: a dict from names in ``neck_attention`` to their options.
+
+    Each attention is built on the ``meta`` device (nothing allocated), so an unknown option is a
+    ``TypeError`` listing the ones it takes, and a bad value the error of the attention's own
+    check, before the backbone is built."""
+    if options is None:
+        return {}
+    if not (isinstance(options, dict)
+            and all(isinstance(k, str) and isinstance(v, dict) and all(isinstance(o, str) for o in v)
+                    for k, v in options.items())):
+        raise TypeError("neck_attention_kwargs must map a neck_attention name to a dict of its options, "
+                        f"e.g. {{'deformable': {{'points': 4, 'blocks': 2}}}}, got {options!r}")
+    for name, kwargs in options.items():
+        if name not in names:
+            raise ValueError(f"neck_attention_kwargs has options for {name!r}, which is not in "
+                             f"neck_attention {names}")
+        if name not in ACROSS_LEVELS:
+            create_block(name, channels, device="meta", **kwargs)  # the registry's checks
+            continue
+        cls = ACROSS_LEVELS[name]
+        valid = [p for p in inspect.signature(cls).parameters if p not in ("channels", "num_levels")]
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            close = sorted({m for k in unknown for m in difflib.get_close_matches(k, valid, n=2)})
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise TypeError(f"neck_attention {name!r} takes no option(s) {', '.join(unknown)}{hint}; "
+                            f"it takes: {', '.join(valid) or 'none'}")
+        with torch.device("meta"):
+            probe = cls(channels, num_levels, **kwargs)
+        elements = sum(p.numel() for p in probe.parameters())
+        if elements > MAX_BLOCK_ELEMENTS:
+            raise ValueError(f"neck_attention {name!r} with {kwargs} would hold {elements:.3g} parameter "
+                             f"elements, more than the limit of {MAX_BLOCK_ELEMENTS:.3g}")
+    return dict(options)
 
 
 def _numbers(values: object, what: str) -> tuple[float, ...]:
@@ -155,7 +194,8 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
                    p2: bool | None = None, anchor_sizes: Sequence[Sequence[float]] | None = None,
                    aspect_ratios: Sequence[float] | None = None, fpn_channels: int = 256,
                    attention_stages: Sequence[int] | None = None, attention_kwargs: dict | None = None,
-                   frozen_bn: bool | None = None, detector_kwargs: dict | None = None, **kw) -> nn.Module:
+                   neck_attention_kwargs: dict | None = None, frozen_bn: bool | None = None,
+                   detector_kwargs: dict | None = None, **kw) -> nn.Module:
     """Build a torchvision detector on a timm / torchvision backbone with an FPN neck.
 
     Args:
@@ -164,8 +204,16 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
             (``"torchvision:resnet50"``; see :func:`visattn.models.backbone.resolve_backbone`).
         num_classes: number of object classes, without background; labels are ``1..num_classes``.
         attention: block plugged into the backbone's residual blocks (:func:`visattn.plug`).
-        neck_attention: block name(s) applied to every FPN level, in order; ``"scale"`` is
-            DyHead-style scale-aware attention across levels.
+        neck_attention: name(s) applied to the FPN levels, in order, each starting as the
+            identity: a registered block (one per level), or an attention across all levels:
+            ``"scale"`` (DyHead's scale-aware attention), ``"dyhead"`` (the DyHead block: scale-,
+            spatial- (deformable convolution) and task-aware (dynamic ReLU) attention; options
+            ``blocks``, ``reduction``), ``"deformable"`` (Deformable DETR's encoder: multi-scale
+            deformable attention over all levels; options ``heads``, ``points``, ``blocks``,
+            ``ffn_ratio``). See :mod:`visattn.models.neck`.
+        neck_attention_kwargs: options per ``neck_attention`` name, e.g.
+            ``{"dyhead": {"blocks": 2}}``; a registered block without an entry gets
+            ``attention_kwargs``.
         pretrained_backbone: load the backbone's ImageNet weights (downloads; off by default).
         p2: include the stride-4 level (P2) in the FPN. Default: on for Faster/Mask R-CNN (as in
             torchvision), off for RetinaNet and FCOS (P3-P7). Turn it on for small objects.
@@ -213,6 +261,8 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
     two_stage = arch in _TWO_STAGE
     p2 = two_stage if p2 is None else p2
     levels = [4, 8, 16, 32] if p2 else [8, 16, 32]
+    neck_options = _neck_options(neck_names, neck_attention_kwargs, fpn_channels,
+                                 len(levels) + (1 if two_stage else 2))
     body = build_body(backbone, levels=levels, pretrained=pretrained_backbone, frozen_bn=frozen_bn,
                       attention=attention, attention_kwargs=attention_kwargs,
                       attention_stages=attention_stages)
@@ -220,7 +270,7 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
         extra, num_extra = LastLevelMaxPool(), 1
     else:
         extra, num_extra = LastLevelP6P7(fpn_channels, fpn_channels), 2
-    neck = FPNNeck(body, fpn_channels, extra, num_extra, neck_names, attention_kwargs)
+    neck = FPNNeck(body, fpn_channels, extra, num_extra, neck_names, attention_kwargs, neck_options)
     strides = list(body.strides) + [body.strides[-1] * 2 ** (i + 1) for i in range(num_extra)]
     sizes = anchor_sizes if anchor_sizes is not None else default_anchor_sizes(arch, strides)
     if len(sizes) != len(strides):

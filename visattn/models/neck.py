@@ -1,25 +1,36 @@
-"""FPN neck with optional attention on each level and DyHead-style scale-aware attention.
+"""FPN neck with optional attention on each level, and attention across the levels.
 
-Scale-aware attention follows "Dynamic Head: Unifying Object Detection Heads with Attentions"
-(Dai et al., CVPR 2021, https://arxiv.org/abs/2106.08322): each pyramid level is re-weighted by a
-scalar computed from the pooled features; here the weights of all levels come from the pooled
-features of all levels, so a level is weighted against the others.
+Across the levels, every one starting as the identity (the untrained neck returns the FPN's
+output exactly):
+
+* ``"scale"``, :class:`ScaleAwareAttention`: DyHead's scale-aware attention, each pyramid level
+  re-weighted by a scalar; here the weights of all levels come from the pooled features of all
+  levels, so a level is weighted against the others.
+* ``"dyhead"``, :class:`DynamicHead`: the full DyHead block, scale-, spatial- and task-aware
+  attention, stacked. Dai, Chen, Xiao, Chen, Liu, Yuan, Zhang. "Dynamic Head: Unifying Object
+  Detection Heads with Attentions", CVPR 2021. https://arxiv.org/abs/2106.08322
+* ``"deformable"``, :class:`DeformableEncoder`: the encoder of Deformable DETR, every position of
+  every level a query sampling all levels. Zhu, Su, Lu, Li, Wang, Dai. "Deformable DETR: Deformable
+  Transformers for End-to-End Object Detection", ICLR 2021. https://arxiv.org/abs/2010.04159
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import FeaturePyramidNetwork, deform_conv2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
+from .._checks import check_int
+from ..layers.deformable import MultiScaleDeformableAttention, reference_points
 from ..plug import Blend
 from ..registry import create_block
 
-__all__ = ["FPNNeck", "ScaleAwareAttention"]
+__all__ = ["ACROSS_LEVELS", "DeformableEncoder", "DynamicHead", "FPNNeck", "ScaleAwareAttention"]
 
 
 class ScaleAwareAttention(nn.Module):
@@ -44,6 +55,226 @@ class ScaleAwareAttention(nn.Module):
         return [f * weights[:, i, None, None, None].to(f.dtype) for i, f in enumerate(feats)]
 
 
+def _check_levels(module: nn.Module, feats: Sequence[torch.Tensor]) -> None:
+    if len(feats) != module.num_levels:
+        raise ValueError(f"{type(module).__name__} was built for {module.num_levels} levels, got {len(feats)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# DyHead: scale-, spatial- and task-aware attention
+
+
+class DyReLU(nn.Module):
+    """Task-aware attention of DyHead (dynamic ReLU, Chen et al. ECCV 2020, variant B): per sample and
+    channel ``max(a1 x + b1, a2 x + b2)``, the four coefficients computed from the pooled features
+    by ``Linear -> ReLU -> Linear -> hard sigmoid``, centred so that an output of 1/2 gives
+    ``a1 = 1, b1 = 0, a2 = 0, b2 = 0``, a plain ReLU (the authors' ``lambda_a = 1``, init ``[1, 0]``)."""
+
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, 4 * channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        theta = F.hardsigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3)))))) - 0.5  # (N, 4C)
+        a1, b1, a2, b2 = theta[:, :, None, None].chunk(4, 1)  # each (N, C, 1, 1)
+        return torch.maximum(x * (2 * a1 + 1) + b1, x * (2 * a2) + b2)
+
+
+class _ModulatedDeformConv(nn.Module):
+    """3x3 modulated deformable convolution (DCNv2, ``torchvision.ops.deform_conv2d``) without
+    bias, then GroupNorm, as DyHead's spatial convs: 16 groups as the authors where each keeps at
+    least 2 channels (a 1x1 level, such as P7 of a small image, leaves one value per channel, which
+    GroupNorm cannot normalise), fewer otherwise."""
+
+    def __init__(self, channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.weight = nn.Parameter(torch.empty(channels, channels, 3, 3))
+        bound = 1 / math.sqrt(channels * 9)
+        nn.init.uniform_(self.weight, -bound, bound)
+        self.norm = nn.GroupNorm(math.gcd(16, max(1, channels // 2)), channels)
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        dtype = self.weight.dtype  # torchvision has no CPU autocast rule for it: cast here
+        y = deform_conv2d(x.to(dtype), offset.to(dtype), self.weight, stride=self.stride, padding=1,
+                          mask=mask.to(dtype))
+        return self.norm(y)
+
+
+class DyHeadBlock(nn.Module):
+    """One DyHead block over ``L`` levels: for level ``l``, the offsets and modulation of a 3x3
+    deformable convolution are predicted from level ``l`` (spatial-aware attention); the same
+    offsets sample level ``l`` (stride 1), level ``l - 1`` (stride 2) and level ``l + 1`` (resized to
+    level ``l`` first), each result is scaled by ``hard_sigmoid(relu(w . mean(f)))`` (scale-aware
+    attention), the (up to three) are averaged, and :class:`DyReLU` (task-aware attention) follows.
+
+    Initialised as mmdetection's DyHead: zero offsets (mask 1/2), 0.01-std scale and DyReLU
+    weights. The authors' code convolves level ``l + 1`` and then upsamples, with offsets of level
+    ``l``'s size (their CUDA op reads them at the smaller size); here level ``l + 1`` is resized first,
+    so every offset belongs to the position it moves.
+    """
+
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        self.offset = nn.Conv2d(channels, 27, 3, padding=1)  # 18 offsets + 9 modulation per position
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+        self.mid = _ModulatedDeformConv(channels, 1)
+        self.low = _ModulatedDeformConv(channels, 2)  # from the finer level
+        self.high = _ModulatedDeformConv(channels, 1)  # from the coarser level, resized
+        self.scale = nn.Linear(channels, 1)
+        self.task = DyReLU(channels, reduction)
+        for lin in (self.scale, self.task.fc1, self.task.fc2):
+            nn.init.normal_(lin.weight, std=0.01)
+            nn.init.zeros_(lin.bias)
+
+    def _scaled(self, f: torch.Tensor) -> torch.Tensor:
+        weight = F.hardsigmoid(F.relu(self.scale(f.mean((2, 3)))))  # (N, 1)
+        return f * weight[:, :, None, None]
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        outs = []
+        for lvl, x in enumerate(feats):
+            h, w = x.shape[-2:]
+            offset_mask = self.offset(x)  # (N, 27, H, W)
+            offset, mask = offset_mask[:, :18], offset_mask[:, 18:].sigmoid()
+            total, count = self._scaled(self.mid(x, offset, mask)), 1
+            if lvl > 0:
+                finer = feats[lvl - 1]
+                if (finer.shape[-2] + 1) // 2 != h or (finer.shape[-1] + 1) // 2 != w:
+                    finer = F.interpolate(finer, size=(2 * h, 2 * w), mode="bilinear", align_corners=False)
+                total = total + self._scaled(self.low(finer, offset, mask))
+                count += 1
+            if lvl < len(feats) - 1:
+                coarser = F.interpolate(feats[lvl + 1], size=(h, w), mode="bilinear", align_corners=True)
+                total = total + self._scaled(self.high(coarser, offset, mask))
+                count += 1
+            outs.append(self.task(total / count))
+        return outs
+
+
+class DynamicHead(nn.Module):
+    """DyHead over the pyramid: ``blocks`` :class:`DyHeadBlock` in sequence (the paper: 6), each behind
+    a zero-initialised gate, ``f + g * (block(f) - f)``, so the module starts as the identity.
+
+    Args:
+        channels: FPN width.
+        num_levels: pyramid levels.
+        blocks: DyHead blocks stacked.
+        reduction: channel reduction of the DyReLU coefficient MLP.
+    """
+
+    def __init__(self, channels: int, num_levels: int, *, blocks: int = 1, reduction: int = 4) -> None:
+        super().__init__()
+        check_int("dyhead blocks", blocks, 1)
+        check_int("dyhead reduction", reduction, 1)
+        self.num_levels = num_levels
+        self.blocks = nn.ModuleList(DyHeadBlock(channels, reduction) for _ in range(blocks))
+        self.gates = nn.Parameter(torch.zeros(blocks))
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        _check_levels(self, feats)
+        for block, gate in zip(self.blocks, self.gates, strict=True):
+            new = block(feats)
+            feats = [f + gate.to(f.dtype) * (o.to(f.dtype) - f) for f, o in zip(feats, new, strict=True)]
+        return feats
+
+
+# --------------------------------------------------------------------------------------------------
+# Deformable DETR's encoder across the pyramid
+
+
+def sine_positions(h: int, w: int, dim: int, *, device=None, dtype=None,
+                   temperature: float = 10000.0) -> torch.Tensor:
+    """``(h * w, dim)`` sine position encoding of the pixel centres in normalised coordinates
+    (``2 pi (i + 0.5) / h``), as DETR's ``normalize=True``: the same point of the image gets the
+    same code on every level. Half the channels encode y, half x (sin and cos interleaved by
+    frequency blocks); ``dim`` not divisible by 4 leaves the last channels zero."""
+    quarter = dim // 4
+    out = torch.zeros(h * w, dim, device=device, dtype=torch.float32)
+    if quarter:
+        omega = 1.0 / temperature ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+        ref = reference_points(h, w, device=device) * (2 * math.pi)  # (HW, 2) as (x, y)
+        ay = ref[:, 1:] * omega  # (HW, quarter)
+        ax = ref[:, :1] * omega
+        out[:, :4 * quarter] = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], 1)
+    return out.to(dtype or torch.get_default_dtype())
+
+
+class _EncoderLayer(nn.Module):
+    """Deformable DETR's encoder layer (post-norm): ``t = LN(t + MSDA(t + pos, ref, t))``, then
+    ``t = LN(t + FFN(t))``."""
+
+    def __init__(self, channels: int, levels: int, heads: int | None, points: int, ffn_ratio: int) -> None:
+        super().__init__()
+        self.attn = MultiScaleDeformableAttention(channels, levels=levels, heads=heads, points=points)
+        self.norm1 = nn.LayerNorm(channels)
+        self.ffn = nn.Sequential(nn.Linear(channels, ffn_ratio * channels), nn.ReLU(),
+                                 nn.Linear(ffn_ratio * channels, channels))
+        self.norm2 = nn.LayerNorm(channels)
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, ref: torch.Tensor,
+                shapes: list[tuple[int, int]]) -> torch.Tensor:
+        tokens = self.norm1(tokens + self.attn(tokens + pos, ref, tokens, shapes))
+        return self.norm2(tokens + self.ffn(tokens))
+
+
+class DeformableEncoder(nn.Module):
+    """Deformable DETR's encoder on the FPN: the positions of all levels are the queries, each
+    sampling ``points`` points per head on every level around its own centre (multi-scale
+    deformable attention); the query carries a normalised sine position encoding plus a learned
+    embedding of its level (``N(0, 1)``-initialised, as the authors). ``blocks`` encoder layers (the
+    paper: 6), each behind a zero-initialised gate ``t + g * (layer(t) - t)``, so the module starts as
+    the identity. Time and memory are linear in the number of positions.
+
+    Args:
+        channels: FPN width.
+        num_levels: pyramid levels.
+        heads: attention heads (must divide ``channels``); default: the most of 8/4/2 with >= 16
+            channels each.
+        points: sampling points per head and level (the paper: 4).
+        blocks: encoder layers.
+        ffn_ratio: hidden width of the feed-forward layer over ``channels`` (the paper: 4).
+    """
+
+    def __init__(self, channels: int, num_levels: int, *, heads: int | None = None, points: int = 4,
+                 blocks: int = 1, ffn_ratio: int = 4) -> None:
+        super().__init__()
+        check_int("deformable blocks", blocks, 1)
+        check_int("deformable ffn_ratio", ffn_ratio, 1)
+        self.num_levels = num_levels
+        self.layers = nn.ModuleList(_EncoderLayer(channels, num_levels, heads, points, ffn_ratio)
+                                    for _ in range(blocks))
+        self.level_embed = nn.Parameter(torch.randn(num_levels, channels))
+        self.gates = nn.Parameter(torch.zeros(blocks))
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        _check_levels(self, feats)
+        n, c = feats[0].shape[:2]
+        shapes = [(f.shape[-2], f.shape[-1]) for f in feats]
+        tokens = torch.cat([f.flatten(2) for f in feats], 2).transpose(1, 2)  # (N, S, C)
+        dd = {"device": tokens.device, "dtype": tokens.dtype}
+        pos = torch.cat([sine_positions(h, w, c, **dd) + self.level_embed[lvl].to(tokens.dtype)
+                         for lvl, (h, w) in enumerate(shapes)])  # (S, C)
+        ref = torch.cat([reference_points(h, w, device=tokens.device) for h, w in shapes])  # (S, 2)
+        for layer, gate in zip(self.layers, self.gates, strict=True):
+            new = layer(tokens, pos, ref, shapes).to(tokens.dtype)
+            tokens = tokens + gate.to(tokens.dtype) * (new - tokens)
+        maps = tokens.transpose(1, 2).split([h * w for h, w in shapes], 2)  # each (N, C, H_l*W_l)
+        return [m.reshape(n, c, h, w) for m, (h, w) in zip(maps, shapes, strict=True)]
+
+
+#: Attentions across all pyramid levels, by their ``neck_attention`` name: built as
+#: ``cls(channels, num_levels, **options)``.
+ACROSS_LEVELS: dict[str, type[nn.Module]] = {
+    "scale": ScaleAwareAttention,
+    "dyhead": DynamicHead,
+    "deformable": DeformableEncoder,
+}
+
+
 class FPNNeck(nn.Module):
     """Backbone body + torchvision FPN (+ extra levels) + optional attention per output level.
 
@@ -52,33 +283,38 @@ class FPNNeck(nn.Module):
         out_channels: FPN width.
         extra_blocks: torchvision extra FPN block (``LastLevelMaxPool``, ``LastLevelP6P7``) or None.
         num_extra: how many levels ``extra_blocks`` adds.
-        attention: block names applied in order to each output level: a registered block
-            (its own instance per level, behind a zero-initialised :class:`~visattn.plug.Blend`), or
-            ``"scale"`` for :class:`ScaleAwareAttention` across levels.
+        attention: names applied in order: one of :data:`ACROSS_LEVELS` (``"scale"``,
+            ``"dyhead"``, ``"deformable"``: one module over all levels), or a registered block (its
+            own instance per level, behind a zero-initialised :class:`~visattn.plug.Blend`).
+        attention_kwargs: options of the registered blocks without an entry in ``neck_kwargs``.
+        neck_kwargs: options by name, e.g. ``{"deformable": {"points": 4, "blocks": 2}}``.
     """
 
     def __init__(self, body: nn.Module, out_channels: int, extra_blocks: ExtraFPNBlock | None,
-                 num_extra: int, attention: Sequence[str] = (), attention_kwargs: dict | None = None) -> None:
+                 num_extra: int, attention: Sequence[str] = (), attention_kwargs: dict | None = None,
+                 neck_kwargs: dict[str, dict] | None = None) -> None:
         super().__init__()
         self.body = body
         self.fpn = FeaturePyramidNetwork(list(body.channels), out_channels, extra_blocks=extra_blocks)
         self.out_channels = out_channels
         self.num_levels = len(body.channels) + num_extra
         self.attention = nn.ModuleList()
+        neck_kwargs = neck_kwargs or {}
         for name in attention:
-            if name == "scale":
-                self.attention.append(ScaleAwareAttention(out_channels, self.num_levels))
+            if name in ACROSS_LEVELS:
+                self.attention.append(ACROSS_LEVELS[name](out_channels, self.num_levels,
+                                                          **neck_kwargs.get(name, {})))
             else:
+                kwargs = neck_kwargs.get(name, attention_kwargs or {})
                 self.attention.append(nn.ModuleList(
-                    Blend(create_block(name, out_channels, **(attention_kwargs or {})))
-                    for _ in range(self.num_levels)))
+                    Blend(create_block(name, out_channels, **kwargs)) for _ in range(self.num_levels)))
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         feats = self.fpn(self.body(x))
         names, levels = list(feats.keys()), list(feats.values())
         for attn in self.attention:
-            if isinstance(attn, ScaleAwareAttention):
-                levels = attn(levels)
-            else:
+            if isinstance(attn, nn.ModuleList):  # one block per level
                 levels = [blk(f) for blk, f in zip(attn, levels, strict=True)]
+            else:  # one module across the levels
+                levels = attn(levels)
         return OrderedDict(zip(names, levels, strict=True))

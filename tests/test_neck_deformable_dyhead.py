@@ -1,0 +1,202 @@
+"""The neck attentions across FPN levels, ``neck_attention="deformable"`` (Deformable DETR's
+encoder) and ``"dyhead"`` (DyHead): identity at initialisation, every parameter trainable,
+float64 gradcheck, graph capture, a detector training step, and option checks. Each config
+(configs/fcos_deformable.yaml, configs/fcos_dyhead.yaml) runs with ``fast_dev_run`` in
+test_train.py::test_every_config_fast_dev_run."""
+import pytest
+import torch
+
+from visattn.models import ARCHS, build_detector
+from visattn.models.neck import DeformableEncoder, DyHeadBlock, DynamicHead
+
+from .conftest import randomize_
+
+NECKS = {"deformable": DeformableEncoder, "dyhead": DynamicHead}
+OPTIONS = {"deformable": {"heads": 2, "points": 2, "blocks": 2}, "dyhead": {"blocks": 2}}
+
+
+def _feats(channels=16, sizes=((9, 7), (5, 4), (3, 2), (2, 1), (1, 1)), dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, channels, h, w, generator=g, dtype=dtype) for h, w in sizes]
+
+
+def _opened(module: torch.nn.Module) -> torch.nn.Module:
+    """Open the gates and give the zero-initialised parameters values (as training would);
+    positive ones, so that DyHead's scale attention ``hard_sigmoid(relu(w . mean + b))`` is not
+    cut off by its ReLU (GroupNorm leaves channel means near zero, so its bias decides)."""
+    with torch.no_grad():
+        module.gates.fill_(0.7)
+        for p in module.parameters():
+            if not p.any():
+                p.uniform_(0.05, 0.15)
+    return module
+
+
+@pytest.mark.parametrize("name", NECKS)
+def test_identity_at_init(name):
+    feats = _feats()
+    module = NECKS[name](16, len(feats), **OPTIONS[name])
+    out = module(feats)
+    assert all(o.shape == f.shape and torch.equal(o, f) for o, f in zip(out, feats))
+    changed = _opened(module)(feats)
+    assert all(o.shape == f.shape and not torch.allclose(o, f) for o, f in zip(changed, feats))
+
+
+@pytest.mark.parametrize("name", NECKS)
+def test_every_parameter_gets_a_gradient(name):
+    feats = [f.requires_grad_() for f in _feats()]
+    module = _opened(NECKS[name](16, len(feats), **OPTIONS[name]))
+    sum(o.square().mean() for o in module(feats)).backward()
+    assert all(f.grad.abs().sum() > 0 for f in feats)
+    for pname, p in module.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
+
+
+def _gradcheck(module, feats):
+    params = dict(module.named_parameters())
+    n = len(feats)
+
+    def fn(*args):
+        return tuple(torch.func.functional_call(module, dict(zip(params, args[n:])), (list(args[:n]),)))
+
+    return torch.autograd.gradcheck(fn, (*feats, *params.values()), fast_mode=True)
+
+
+def test_gradcheck_deformable_encoder_float64():
+    module = randomize_(DeformableEncoder(4, 2, heads=2, points=2)).double()
+    feats = [f.requires_grad_() for f in _feats(4, ((3, 3), (2, 1)), torch.float64)]
+    assert _gradcheck(module, feats)
+
+
+def test_gradcheck_dyhead_block_float64():
+    # random offsets: sampling points off the integer grid, where bilinear sampling is smooth
+    module = randomize_(DyHeadBlock(2)).double()
+    feats = [f[:1].requires_grad_() for f in _feats(2, ((3, 3), (2, 2), (1, 1)), torch.float64)]
+    assert _gradcheck(module, feats)
+
+
+@pytest.mark.parametrize("name", NECKS)
+def test_graph_capture_without_breaks(name):
+    torch._dynamo.reset()
+    feats = _feats(16, ((6, 5), (3, 3), (2, 2)))
+    module = _opened(NECKS[name](16, len(feats))).eval()
+    compiled = torch.compile(module, backend="eager", fullgraph=True)
+    for o, r in zip(compiled(feats), module(feats)):
+        torch.testing.assert_close(o, r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NECKS)
+def test_compile_aot_eager_backward(name):
+    """The backward graph too (grid_sample, torchvision's deform_conv2d) is captured whole."""
+    torch._dynamo.reset()
+    feats = [f.requires_grad_() for f in _feats(16, ((6, 5), (3, 3), (2, 2)))]
+    module = _opened(NECKS[name](16, len(feats)))
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    grads = torch.autograd.grad(sum(o.square().sum() for o in compiled(feats)), feats)
+    ref = torch.autograd.grad(sum(o.square().sum() for o in module(feats)), feats)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("name", NECKS)
+def test_bf16_autocast(name):
+    feats = _feats(16, ((6, 5), (3, 3), (2, 2)))
+    module = _opened(NECKS[name](16, len(feats))).eval()
+    ref = module(feats)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(feats)
+    for o, r in zip(out, ref):
+        assert o.dtype == torch.float32 and torch.isfinite(o).all()
+        assert (o - r).abs().mean() / r.abs().mean() < 0.05
+
+
+def test_dyhead_levels_not_halving():
+    """A finer level that is not twice the next (odd crops, custom strides) is resized to fit."""
+    feats = _feats(16, ((9, 7), (4, 4), (3, 1)))
+    out = _opened(DynamicHead(16, 3))(feats)
+    assert [o.shape for o in out] == [f.shape for f in feats]
+
+
+def _batch(masks=False):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 64, generator=g), torch.rand(3, 56, 64, generator=g)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 8.0, 40.0, 30.0]]), "labels": torch.tensor([2])}]
+    if masks:
+        for img, t in zip(images, targets):
+            m = torch.zeros(1, *img.shape[1:], dtype=torch.uint8)
+            x0, y0, x1, y1 = t["boxes"][0].int().tolist()
+            m[0, y0:y1, x0:x1] = 1
+            t["masks"] = m
+    return images, targets
+
+
+def _train_step(arch, name):
+    model = build_detector(arch, backbone="resnet10t", num_classes=3, fpn_channels=32, min_size=64,
+                           max_size=64, neck_attention=name, neck_attention_kwargs={name: {"blocks": 1}})
+    neck = model.backbone
+    attn = neck.attention[0]
+    assert isinstance(attn, NECKS[name])
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():  # the untrained neck returns the FPN's output exactly
+        ref = neck.fpn(neck.body(x))
+        assert all(torch.equal(a, b) for a, b in zip(neck(x).values(), ref.values()))
+    images, targets = _batch(masks=arch == "maskrcnn")
+    losses = model.train()(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    assert attn.gates.grad.abs().sum() > 0  # the gate learns from the first step
+    for pname, p in attn.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("name", NECKS)
+def test_fcos_train_step(name):
+    _train_step("fcos", name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "fcos"])
+@pytest.mark.parametrize("name", NECKS)
+def test_every_arch_train_step(arch, name):
+    _train_step(arch, name)
+
+
+def _det(**kw):
+    return build_detector("fcos", backbone="resnet10t", num_classes=3, fpn_channels=32, **kw)
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    ({"neck_attention": "deforamble"}, ValueError, r"unknown block 'deforamble' \(did you mean deformable"),
+    ({"neck_attention": "dyhead", "neck_attention_kwargs": {"dyhead": {"block": 2}}}, TypeError,
+     r"'dyhead' takes no option\(s\) block \(did you mean blocks\?\); it takes: blocks, reduction"),
+    ({"neck_attention": "deformable", "neck_attention_kwargs": {"deformable": {"points": 0}}}, ValueError,
+     r"points must be an int >= 1, got 0"),
+    ({"neck_attention": "deformable", "neck_attention_kwargs": {"deformable": {"heads": 5}}}, ValueError,
+     r"heads=5 must be >= 1 and divide channels=32"),
+    ({"neck_attention": "dyhead", "neck_attention_kwargs": {"dyhead": {"blocks": 1.5}}}, TypeError,
+     r"dyhead blocks must be an int"),
+    ({"neck_attention": "dyhead", "neck_attention_kwargs": {"deformable": {"blocks": 2}}}, ValueError,
+     r"options for 'deformable', which is not in neck_attention \['dyhead'\]"),
+    ({"neck_attention": "dyhead", "neck_attention_kwargs": {"blocks": 2}}, TypeError,
+     r"neck_attention_kwargs must map a neck_attention name to a dict"),
+    ({"neck_attention": ["eca", "scale"], "neck_attention_kwargs": {"scale": {"x": 1}}}, TypeError,
+     r"'scale' takes no option\(s\) x; it takes: none"),
+    ({"neck_attention": "eca", "neck_attention_kwargs": {"eca": {"kernel_size": 4}}}, ValueError,
+     r"odd kernel_size"),
+])
+def test_option_errors_name_the_problem(kw, error, match):
+    with pytest.raises(error, match=match):
+        _det(**kw)
+
+
+def test_options_reach_the_modules():
+    model = _det(neck_attention=["deformable", "dyhead", "eca"],
+                 neck_attention_kwargs={"deformable": {"points": 3, "blocks": 2}, "dyhead": {"blocks": 3},
+                                        "eca": {"kernel_size": 5}})
+    deform, dyhead, eca = model.backbone.attention
+    assert len(deform.layers) == 2 and deform.layers[0].attn.points == 3 and deform.layers[0].attn.levels == 5
+    assert len(dyhead.blocks) == 3
+    assert all(b.block.conv.kernel_size == (5,) for b in eca)

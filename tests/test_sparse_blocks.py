@@ -1,0 +1,404 @@
+"""The learned-sparse blocks (``routing``, ``quadtree``, ``adaptive``) against their papers'
+formulations written out plainly here: naive per-query loops or full matrices with masks, in
+float64, plus gradcheck, graph capture without breaks, and the explain capture."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import visattn
+from visattn.layers import adaptive as adaptive_mod
+from visattn.layers._capture import Capture
+from visattn.layers.adaptive import entmax_bisect
+
+from .conftest import randomize_
+
+
+def make(name, channels=16, **kw):
+    return randomize_(visattn.create_block(name, channels, **kw), scale=0.3).double()
+
+
+def heads_split(t, heads):
+    """(HW, C) -> (heads, HW, d)."""
+    return t.view(t.shape[0], heads, -1).transpose(0, 1)
+
+
+def dwconv(v_map, conv):
+    return F.conv2d(v_map, conv.weight, conv.bias, padding=conv.padding, groups=conv.groups)
+
+
+# ---------------------------------------------------------------- routing (BiFormer)
+
+def routing_reference(block, x):
+    """Bi-level routing attention, one sample at a time, with a full (HW x HW) matrix masked to the
+    tokens of each query region's top-k regions (regions from the padded grid, means over real
+    tokens, padded tokens never keys), plus the LCE term, as in BiFormer's Algorithm 1."""
+    n, c, h, w = x.shape
+    heads, d = block.heads, c // block.heads
+    sh, rh, sw, rw = block.grid(h, w)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    region = ((ys // rh) * sw + xs // rw).flatten()  # (HW,) region of every real token
+    nr = sh * sw
+    outs = []
+    for i in range(n):
+        t = x[i].flatten(1).t()  # (HW, C)
+        q, k, v = (t @ block.qkv.weight.t() + block.qkv.bias).chunk(3, -1)
+        q_r = torch.zeros(nr, c, dtype=x.dtype)
+        k_r = torch.zeros(nr, c, dtype=x.dtype)
+        real = torch.zeros(nr, dtype=torch.bool)
+        for r in range(nr):
+            members = region == r
+            if members.any():
+                q_r[r], k_r[r], real[r] = q[members].mean(0), k[members].mean(0), True
+        logits = (q_r @ k_r.t()).masked_fill(~real[None], float("-inf"))
+        top = logits.topk(min(block.topk, nr), -1).indices  # (nr, k)
+        allowed = torch.zeros(h * w, h * w, dtype=torch.bool)
+        for p in range(h * w):
+            allowed[p] = torch.isin(region, top[region[p]])
+        bias = torch.zeros(h * w, h * w, dtype=x.dtype).masked_fill(~allowed, float("-inf"))
+        qh, kh, vh = (heads_split(z, heads) for z in (q, k, v))
+        att = ((qh @ kh.transpose(1, 2)) / math.sqrt(d) + bias).softmax(-1) @ vh  # (heads, HW, d)
+        y = att.transpose(0, 1).reshape(h * w, c)
+        lce = dwconv(v.t().reshape(1, c, h, w), block.lce)[0].flatten(1).t()
+        y = (y + lce) @ block.proj.weight.t() + block.proj.bias
+        outs.append(x[i] + y.t().reshape(c, h, w))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("kw,hw", [
+    ({"regions": 3, "topk": 2}, (7, 8)),  # padded grid (3x3 regions of 3x3 tokens)
+    ({"region_size": 2, "topk": 3}, (5, 6)),  # padded last row of regions
+    ({"regions": 2, "topk": 1}, (4, 4)),  # no padding, each region keeps one region
+    ({"regions": 5, "topk": 4}, (3, 7)),  # some regions hold only padding
+])
+def test_routing_equals_masked_full_attention(kw, hw):
+    block = make("routing", heads=2, **kw)
+    x = torch.randn(2, 16, *hw, dtype=torch.float64)
+    torch.testing.assert_close(block(x), routing_reference(block, x), rtol=1e-5, atol=1e-5)
+
+
+def test_routing_all_regions_is_full_attention_plus_lce():
+    block = make("routing", regions=3, topk=9, heads=4)
+    x = torch.randn(2, 16, 6, 7, dtype=torch.float64)
+    n, c, h, w = x.shape
+    t = x.flatten(2).transpose(1, 2)
+    q, k, v = (t @ block.qkv.weight.t() + block.qkv.bias).chunk(3, -1)
+    split = lambda z: z.view(n, h * w, 4, 4).transpose(1, 2)
+    att = ((split(q) @ split(k).transpose(-2, -1)) / 2.0).softmax(-1) @ split(v)
+    y = att.transpose(1, 2).reshape(n, h * w, c)
+    y = y + dwconv(v.transpose(1, 2).reshape(n, c, h, w), block.lce).flatten(2).transpose(1, 2)
+    expected = x + (y @ block.proj.weight.t() + block.proj.bias).transpose(1, 2).reshape_as(x)
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    block.reference = True  # plain-math path
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_routing_arguments():
+    with pytest.raises(ValueError, match="not both"):
+        visattn.create_block("routing", 16, regions=4, region_size=4)
+    with pytest.raises(TypeError, match="topk"):
+        visattn.create_block("routing", 16, topk=1.5)
+    with pytest.raises(ValueError, match="lce_kernel"):
+        visattn.create_block("routing", 16, lce_kernel=4)
+
+
+# ---------------------------------------------------------------- quadtree
+
+def quadtree_reference(block, x):
+    """QuadTree attention per finest query, following its chain of ancestors down the pyramid,
+    with plain loops: level 0 attends to every coarse key; at each finer level the query's
+    candidates are the 2x2 children of the keys its parent kept. Variant "b": a softmax over the
+    candidates, every level's message plus LePE weighted by softmax(level_weight); variant "a": a
+    child's score is its parent's score times a softmax over the parent's 4 children, messages of
+    the non-kept keys at coarse levels plus all candidates at the finest."""
+    n, c, h, w = x.shape
+    levels, heads = block.levels, block.heads
+    d = c // heads
+    f = 2 ** (levels - 1)
+    hp, wp = -(-h // f) * f, -(-w // f) * f
+    outs = []
+    for i in range(n):
+        t = x[i].permute(1, 2, 0) @ block.qkv.weight.t() + block.qkv.bias  # (H, W, 3C)
+        real = torch.zeros(hp, wp, dtype=torch.bool)
+        real[:h, :w] = True
+        pyr = []  # finest first: (map (h_l, w_l, 3C) of means over real tokens, real mask)
+        full = torch.zeros(hp, wp, 3 * c, dtype=x.dtype)
+        full[:h, :w] = t
+        for lvl in range(levels):
+            s = 2 ** lvl
+            hl, wl = hp // s, wp // s
+            m = torch.zeros(hl, wl, 3 * c, dtype=x.dtype)
+            ok = torch.zeros(hl, wl, dtype=torch.bool)
+            for a in range(hl):
+                for b in range(wl):
+                    cell = real[a * s:(a + 1) * s, b * s:(b + 1) * s]
+                    if cell.any():
+                        m[a, b] = full[a * s:(a + 1) * s, b * s:(b + 1) * s][cell].mean(0)
+                        ok[a, b] = True
+            pyr.append((m, ok))
+        pyr = pyr[::-1]  # coarsest first
+        lw = block.level_weight.softmax(0) if block.variant == "b" else None
+        lepe = []
+        if block.variant == "b":
+            for lvl, (m, _) in enumerate(pyr):
+                vmap = m[..., 2 * c:].permute(2, 0, 1)[None]
+                lepe.append(dwconv(vmap, block.lepe[lvl])[0].permute(1, 2, 0))
+        y = torch.zeros(h, w, c, dtype=x.dtype)
+        for py in range(h):
+            for px in range(w):
+                msg = torch.zeros(c, dtype=x.dtype)
+                for hd in range(heads):
+                    ch = slice(hd * d, (hd + 1) * d)
+                    kept, kept_score = None, None  # level-(l-1) kept keys of this query's ancestor
+                    for lvl, (m, ok) in enumerate(pyr):
+                        hl, wl = ok.shape
+                        sft = levels - 1 - lvl
+                        qa = m[py >> sft, px >> sft, :c][ch]
+                        if lvl == 0:
+                            cand = [(a, b) for a in range(hl) for b in range(wl)]
+                        else:
+                            cand = [(2 * a + u, 2 * b + v) for (a, b) in kept for u in (0, 1) for v in (0, 1)]
+                        keys = torch.stack([m[a, b, c:2 * c][ch] for a, b in cand])
+                        vals = torch.stack([m[a, b, 2 * c:][ch] for a, b in cand])
+                        okc = torch.tensor([bool(ok[a, b]) for a, b in cand])
+                        sc = (keys @ qa) / math.sqrt(d)
+                        sc = sc.masked_fill(~okc, torch.finfo(x.dtype).min)
+                        if block.variant == "b" or lvl == 0:
+                            p = sc.softmax(0)
+                        else:
+                            p = (sc.view(-1, 4).softmax(1) * kept_score[:, None]).flatten()
+                        last = lvl == levels - 1
+                        if last:
+                            use = torch.ones_like(p, dtype=torch.bool)
+                        else:
+                            top = p.topk(min(block.topk[lvl], len(cand))).indices
+                            use = torch.ones_like(p, dtype=torch.bool)
+                            if block.variant == "a":
+                                use[top] = False
+                            kept = [cand[j] for j in top.tolist()]
+                            kept_score = p[top]
+                        part = (p * use) @ vals
+                        if block.variant == "b":
+                            part = (part + lepe[lvl][py >> sft, px >> sft, ch]) * lw[lvl]
+                        msg[ch] += part
+                y[py, px] = msg
+        y = y @ block.proj.weight.t() + block.proj.bias
+        outs.append(x[i] + y.permute(2, 0, 1))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("variant", ["b", "a"])
+@pytest.mark.parametrize("kw,hw", [
+    ({"levels": 3, "topk": 2}, (7, 6)),  # padded to 8x8
+    ({"levels": 2, "topk": (3,)}, (4, 5)),  # padded to 4x6
+    ({"levels": 3, "topk": (1, 3)}, (4, 8)),
+])
+def test_quadtree_equals_per_query_loops(variant, kw, hw):
+    block = make("quadtree", heads=2, variant=variant, **kw)
+    x = torch.randn(1, 16, *hw, dtype=torch.float64)
+    torch.testing.assert_close(block(x), quadtree_reference(block, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (6, 7)])
+def test_quadtree_all_topk_is_full_attention_at_the_finest_level(hw):
+    block = make("quadtree", levels=3, topk=64, heads=2)
+    with torch.no_grad():  # all weight on the finest level
+        block.level_weight.copy_(torch.tensor([-1e4, -1e4, 0.0]))
+    x = torch.randn(2, 16, *hw, dtype=torch.float64)
+    n, c, h, w = x.shape
+    t = x.flatten(2).transpose(1, 2)
+    q, k, v = (t @ block.qkv.weight.t() + block.qkv.bias).chunk(3, -1)
+    split = lambda z: z.view(n, h * w, 2, 8).transpose(1, 2)
+    att = ((split(q) @ split(k).transpose(-2, -1)) / math.sqrt(8)).softmax(-1) @ split(v)
+    y = att.transpose(1, 2).reshape(n, h * w, c)
+    y = y + dwconv(v.transpose(1, 2).reshape(n, c, h, w), block.lepe[2]).flatten(2).transpose(1, 2)
+    expected = x + (y @ block.proj.weight.t() + block.proj.bias).transpose(1, 2).reshape_as(x)
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quadtree_arguments():
+    with pytest.raises(ValueError, match="one value per level"):
+        visattn.create_block("quadtree", 16, levels=3, topk=(2, 2, 2))
+    with pytest.raises(ValueError, match="variant"):
+        visattn.create_block("quadtree", 16, variant="c")
+    with pytest.raises(TypeError, match="levels"):
+        visattn.create_block("quadtree", 16, levels="3")
+
+
+# ---------------------------------------------------------------- adaptive (alpha-entmax)
+
+def sparsemax(z):
+    """Martins & Astudillo 2016, the sort-based closed form."""
+    zs = z.sort(-1, descending=True).values
+    r = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype)
+    cum = zs.cumsum(-1)
+    support = (1 + r * zs > cum)
+    k = support.sum(-1, keepdim=True)
+    tau = (cum.gather(-1, k - 1) - 1) / k
+    return (z - tau).clamp(min=0)
+
+
+def naive_entmax(z, alpha, steps=200):
+    """alpha-entmax by its definition: p_i = [(alpha - 1) z_i - tau]_+^(1/(alpha - 1)) with tau
+    solved to make the sum one (plain bisection on a wide bracket, many steps, float64)."""
+    alpha = torch.as_tensor(alpha, dtype=z.dtype)
+    xs = (alpha - 1) * z
+    lo, hi = xs.amax(-1, keepdim=True) - 2, xs.amax(-1, keepdim=True)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        s = (xs - mid).clamp(min=0).pow(1 / (alpha - 1)).sum(-1, keepdim=True)
+        lo, hi = torch.where(s > 1, mid, lo), torch.where(s > 1, hi, mid)
+    return (xs - lo).clamp(min=0).pow(1 / (alpha - 1))
+
+
+def test_entmax_is_sparsemax_at_two_and_tends_to_softmax():
+    z = torch.randn(6, 11, dtype=torch.float64) * 2
+    torch.testing.assert_close(entmax_bisect(z, 2.0), sparsemax(z), rtol=1e-5, atol=1e-5)
+    assert (entmax_bisect(z, 2.0) == 0).any()  # exact zeros
+    errs = [(entmax_bisect(z, a) - z.softmax(-1)).abs().max().item() for a in (1.1, 1.01, 1.001)]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 2e-3, errs
+    for a in (1.2, 1.5, 1.8):
+        torch.testing.assert_close(entmax_bisect(z, a), naive_entmax(z, a), rtol=1e-5, atol=1e-5)
+    z32 = z.float()
+    torch.testing.assert_close(entmax_bisect(z32, 1.5), naive_entmax(z, 1.5).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_entmax_gradients_in_scores_and_alpha():
+    z = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor([[1.3], [1.5], [1.7], [2.0]], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(entmax_bisect, (z, alpha))
+    with pytest.raises(ValueError, match="alpha must be in"):
+        entmax_bisect(z, 2.5)
+
+
+def test_adaptive_equals_naive_entmax_attention():
+    block = make("adaptive", heads=2)
+    with torch.no_grad():
+        block.alpha_logit.copy_(torch.tensor([-1.0, 1.5]))  # alpha ~1.27 and ~1.82
+    x = torch.randn(2, 16, 4, 5, dtype=torch.float64)
+    _n, c, h, w = x.shape
+    pos = visattn.layers._attention.sincos_2d(h, w, c, dtype=torch.float64)
+    t = x.flatten(2).transpose(1, 2)
+    wq, wk, wv = block.qkv.weight.flatten(1).chunk(3)
+    bq, bk, bv = block.qkv.bias.chunk(3)
+    q, k, v = (t + pos) @ wq.t() + bq, (t + pos) @ wk.t() + bk, t @ wv.t() + bv
+    alpha = 1 + torch.sigmoid(block.alpha_logit)
+    outs = []
+    for hd in range(2):
+        ch = slice(8 * hd, 8 * (hd + 1))
+        p = naive_entmax(q[..., ch] @ k[..., ch].transpose(1, 2) / math.sqrt(8), alpha[hd])
+        outs.append(p @ v[..., ch])
+    y = torch.cat(outs, -1) @ block.proj.weight.flatten(1).t() + block.proj.bias
+    torch.testing.assert_close(block(x), x + y.transpose(1, 2).reshape_as(x), rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_gradcheck_with_chunks(monkeypatch):
+    """The closed-form backward (scores and alpha, recomputed chunk by chunk) against finite
+    differences on a tiny input."""
+    monkeypatch.setattr(adaptive_mod, "CHUNK_ELEMENTS", 2 * 2 * 6)  # 2 queries per chunk
+    block = make("adaptive", 8, heads=2)
+    x = torch.randn(2, 8, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, alpha_logit):
+        return torch.func.functional_call(block, {"alpha_logit": alpha_logit}, (x,), strict=False)
+
+    assert torch.autograd.gradcheck(fn, (x, block.alpha_logit.detach().clone().requires_grad_()),
+                                    fast_mode=True)
+
+
+def test_adaptive_sparsity_is_measured_per_head():
+    block = make("adaptive", heads=2).float()
+    x = torch.randn(1, 16, 6, 6)
+    with torch.no_grad():
+        block.alpha_logit.copy_(torch.tensor([-20.0, 20.0]))  # alpha 1.01 (dense) and 2 (sparsemax)
+    s = block.sparsity(x)
+    assert s.shape == (2,) and 0 <= s[0] < s[1] < 1
+    # the same count from the weights written out
+    _n, _c, _h, _w = x.shape
+    with torch.no_grad():
+        q, k, _ = block._qkv(x)
+        p = entmax_bisect(q[:, 1] @ k[:, 1].transpose(-2, -1), 2.0)
+    assert abs((p == 0).float().mean().item() - s[1].item()) < 0.02
+
+
+# ---------------------------------------------------------------- shared: gradcheck, compile, capture
+
+CONFIGS = [
+    ("routing", {"regions": 3, "topk": 2, "heads": 2}),
+    ("quadtree", {"levels": 3, "topk": 2, "heads": 2, "variant": "b"}),
+    ("quadtree", {"levels": 2, "topk": 3, "heads": 2, "variant": "a"}),
+    ("adaptive", {"heads": 2}),
+]
+# the registry contract tests capture every block's default configuration with backend="eager";
+# these add the padded / variant configurations, and the backward graph (aot_eager) of adaptive's
+# custom autograd function
+COMPILE = [("routing", {"regions": 3, "topk": 2, "heads": 2}, "eager"),
+           ("quadtree", {"levels": 2, "topk": 3, "heads": 2, "variant": "a"}, "eager"),
+           pytest.param("adaptive", {"heads": 2}, "aot_eager", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name,kw", [CONFIGS[0], CONFIGS[2], CONFIGS[3]])  # defaults: contract tests
+def test_gradcheck_padded_multi_region(name, kw):
+    block = make(name, 8, **kw)
+    params = dict(block.named_parameters())
+    x = torch.randn(1, 8, 5, 6, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *ps):
+        return torch.func.functional_call(block, dict(zip(params, ps)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params.values()), fast_mode=True)
+
+
+@pytest.mark.parametrize("name,kw,backend", COMPILE)
+def test_compile_fullgraph_no_graph_breaks(name, kw, backend):
+    torch._dynamo.reset()
+    block = make(name, **kw).float()
+    x = torch.randn(1, 16, 7, 9, requires_grad=True)
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, block(x), rtol=1e-5, atol=1e-5)
+    if backend == "aot_eager":  # the traced backward too
+        (g,) = torch.autograd.grad(y.square().sum(), x)
+        (g_ref,) = torch.autograd.grad(block(x).square().sum(), x)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["routing", "quadtree", "adaptive"])
+def test_inductor_compile(name):
+    torch._dynamo.reset()
+    block = randomize_(visattn.create_block(name, 16), scale=0.3)
+    x = torch.randn(2, 16, 12, 10, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True)
+    torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,kw", CONFIGS)
+def test_capture_received_and_query(name, kw):
+    block = make(name, **kw)
+    x = torch.randn(2, 16, 7, 6, dtype=torch.float64)
+    plain = block(x)
+    block._capture = Capture(query=(0.5, 0.3))
+    captured = block(x)
+    torch.testing.assert_close(captured, plain)  # recording changes nothing
+    maps = block._capture.maps
+    block._capture = None
+    assert maps["received"].shape == (2, 7, 6) and maps["query"].shape == (2, 7, 6)
+    torch.testing.assert_close(maps["received"].sum((1, 2)), torch.ones(2), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(maps["query"].sum((1, 2)), torch.ones(2), rtol=1e-4, atol=1e-4)
+    assert (maps["received"] >= 0).all() and (maps["query"] >= 0).all()
+
+
+def test_capture_routing_query_map_matches_full_attention():
+    """With every region kept, the query map is the full softmax row averaged over heads."""
+    block = make("routing", regions=2, topk=4, heads=2)
+    x = torch.randn(1, 16, 4, 6, dtype=torch.float64)
+    block._capture = Capture(query=(0.6, 0.2))  # position (2, 1)
+    block(x)
+    got = block._capture.maps["query"]
+    t = x.flatten(2).transpose(1, 2)
+    q, k, _ = (t @ block.qkv.weight.t() + block.qkv.bias).chunk(3, -1)
+    qh, kh = q.view(1, 24, 2, 8).transpose(1, 2), k.view(1, 24, 2, 8).transpose(1, 2)
+    p = ((qh @ kh.transpose(-2, -1)) / math.sqrt(8)).softmax(-1)[0, :, 2 * 6 + 1].mean(0)
+    torch.testing.assert_close(got[0], p.view(4, 6).float(), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,265 @@
+"""Adaptively sparse attention: multi-head self-attention whose softmax is replaced by
+alpha-entmax with a learned alpha per head, so each query gives exactly zero weight to the keys
+outside a support whose size the content decides.
+
+Paper: Correia, Niculae, Martins. "Adaptively Sparse Transformers", EMNLP 2019.
+https://arxiv.org/abs/1909.00015 (alpha-entmax: Peters, Niculae, Martins. "Sparse
+Sequence-to-Sequence Models", ACL 2019, https://arxiv.org/abs/1905.05702).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._attention import check_heads, sincos_2d
+from ._base import AttentionBlock, check_input
+
+__all__ = ["AdaptiveSparseAttention", "entmax_bisect"]
+
+#: The smallest alpha the block uses (the authors clamp to 1.01: the map tends to softmax as alpha
+#: tends to 1, where the bisection's ``z ** (1 / (alpha - 1))`` has no finite limit).
+ALPHA_MIN = 1.01
+#: Score elements (batch x heads x queries x keys) per chunk of queries: bounds the memory of the
+#: forward and of the recomputing backward.
+CHUNK_ELEMENTS = 2 ** 22
+
+
+def _n_iter(dtype: torch.dtype) -> int:
+    """Bisection steps: the threshold's bracket starts narrower than 1 and halves each step, so
+    25 steps reach float32 resolution and 50 float64's."""
+    return 50 if dtype == torch.float64 else 25
+
+
+def _threshold(x: torch.Tensor, alpha: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The threshold ``tau`` with ``sum_i [(alpha - 1) x_i - tau]_+ ^ (1 / (alpha - 1)) = 1`` over the
+    last dim, by bisection, and that sum at the returned ``tau`` (``>= 1``, for normalising).
+
+    The bracket: at ``tau = max - 1`` the largest term alone is 1, so the sum is >= 1; at
+    ``tau = max - n ** (1 - alpha)`` every one of the ``n`` terms is <= 1/n, so the sum is <= 1. The
+    lower end is kept at a sum >= 1, so the support found contains the exact one."""
+    am1 = alpha - 1
+    xs = x * am1
+    top = xs.amax(-1, keepdim=True)
+    lo = top - 1
+    width = 1 - x.shape[-1] ** (-am1)  # hi - lo, per head
+    expo = 1 / am1
+    for _ in range(n_iter):
+        width = width / 2
+        mid = lo + width
+        # in place after the subtraction: one temporary per step (called without autograd)
+        total = (xs - mid).clamp_(min=0).pow_(expo).sum(-1, keepdim=True)
+        lo = torch.where(total >= 1, mid, lo)
+    total = (xs - lo).clamp_(min=0).pow_(expo).sum(-1, keepdim=True)
+    return lo, total
+
+
+def _probs(x: torch.Tensor, alpha: torch.Tensor, tau: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``[(alpha - 1) x - tau]_+ ^ (1 / (alpha - 1))`` normalised to sum to one."""
+    return (x * (alpha - 1) - tau).clamp_(min=0).pow_(1 / (alpha - 1)).div_(total)
+
+
+def _backward(p: torch.Tensor, dp: torch.Tensor, alpha: torch.Tensor,
+              need_alpha: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``p = entmax_alpha(x)`` over the last dim: ``(dL/dx, dL/dalpha per row)``.
+
+    With ``g = p ^ (2 - alpha)`` on the support (0 off it): ``dL/dx = g * dp - g * <g, dp> / sum(g)``;
+    and ``dp/dalpha = (p - g~) / (alpha - 1)^2 - (p log p - g~ sum(p log p)) / (alpha - 1)`` with
+    ``g~ = g / sum(g)`` (Peters et al. 2019 for x; Correia et al. 2019, Proposition 1, for alpha)."""
+    on = p > 0
+    g = torch.where(on, p.clamp(min=torch.finfo(p.dtype).tiny).pow(2 - alpha), 0.0)
+    g_sum = g.sum(-1, keepdim=True)
+    dx = g * dp - g * (g * dp).sum(-1, keepdim=True) / g_sum
+    if not need_alpha:
+        return dx, None
+    am1 = alpha - 1
+    plogp = torch.where(on, p * p.clamp(min=torch.finfo(p.dtype).tiny).log(), 0.0)
+    g_norm = g / g_sum
+    dp_dalpha = (p - g_norm) / am1 ** 2 - (plogp - g_norm * plogp.sum(-1, keepdim=True)) / am1
+    return dx, (dp * dp_dalpha).sum(-1, keepdim=True)
+
+
+class _EntmaxBisect(torch.autograd.Function):
+    """alpha-entmax over the last dim with the closed-form gradient for ``x`` and ``alpha``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        tau, total = _threshold(x, alpha, _n_iter(x.dtype))
+        p = _probs(x, alpha, tau, total)
+        ctx.save_for_backward(p, alpha)
+        return p
+
+    @staticmethod
+    def backward(ctx, dp: torch.Tensor):
+        p, alpha = ctx.saved_tensors
+        dx, d_alpha = _backward(p, dp, alpha, ctx.needs_input_grad[1])
+        if d_alpha is not None:  # reduce over what alpha was broadcast over
+            d_alpha = d_alpha.sum_to_size(alpha.shape)
+        return dx, d_alpha
+
+
+def entmax_bisect(x: torch.Tensor, alpha: torch.Tensor | float = 1.5) -> torch.Tensor:
+    """alpha-entmax of ``x`` over its last dim: ``argmax_p <p, x> + H^T_alpha(p)`` over the simplex,
+    ``p_i = [(alpha - 1) x_i - tau]_+ ^ (1 / (alpha - 1))`` with ``tau`` found by bisection.
+
+    ``alpha`` in ``(1, 2]`` (a float or a tensor broadcastable to ``x[..., :1]``, e.g. one per head):
+    2 is sparsemax, 1.5 the paper's default, and the map tends to softmax as alpha tends to 1
+    (use ``alpha >= 1.01``). Differentiable in ``x`` and in a tensor ``alpha`` (closed-form
+    gradients, not autograd through the bisection steps)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"entmax_bisect expects a floating-point tensor, got {type(x).__name__}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, torch.Tensor)):
+        raise TypeError(f"entmax_bisect: alpha must be a number or a tensor, got {type(alpha).__name__}")
+    if not isinstance(alpha, torch.Tensor):
+        if not 1 < alpha <= 2:
+            raise ValueError(f"entmax_bisect: alpha must be in (1, 2], got {alpha}")
+        alpha = torch.tensor(float(alpha), dtype=x.dtype, device=x.device)
+    return _EntmaxBisect.apply(x, alpha.to(x.dtype))
+
+
+class _EntmaxAttention(torch.autograd.Function):
+    """``entmax_alpha(q k^T) v`` per head, over chunks of queries; the backward recomputes each
+    chunk's probabilities from the saved thresholds (no L x S matrix is kept for it)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        # q (B, heads, L, d), already scaled; k, v (B, heads, S, d); alpha (1, heads, 1, 1)
+        b, heads, length, _ = q.shape
+        step = max(1, CHUNK_ELEMENTS // (b * heads * k.shape[2]))
+        n_iter = _n_iter(q.dtype)
+        outs, taus, totals = [], [], []
+        for start in range(0, length, step):
+            x = q[:, :, start:start + step] @ k.transpose(-2, -1)  # (B, heads, l, S)
+            tau, total = _threshold(x, alpha, n_iter)
+            outs.append(_probs(x, alpha, tau, total) @ v)
+            taus.append(tau)
+            totals.append(total)
+        tau, total = torch.cat(taus, 2), torch.cat(totals, 2)  # (B, heads, L, 1)
+        ctx.save_for_backward(q, k, v, alpha, tau, total)
+        ctx.step = step
+        return torch.cat(outs, 2)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        q, k, v, alpha, tau, total = ctx.saved_tensors
+        step = ctx.step
+        need_alpha = ctx.needs_input_grad[3]
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        d_alpha = torch.zeros_like(alpha)
+        for start in range(0, q.shape[2], step):
+            rows = slice(start, start + step)
+            x = q[:, :, rows] @ k.transpose(-2, -1)  # (B, heads, l, S)
+            p = _probs(x, alpha, tau[:, :, rows], total[:, :, rows])
+            dv = dv + p.transpose(-2, -1) @ dout[:, :, rows]
+            dx, da = _backward(p, dout[:, :, rows] @ v.transpose(-2, -1), alpha, need_alpha)
+            dq[:, :, rows] = dx @ k
+            dk = dk + dx.transpose(-2, -1) @ q[:, :, rows]
+            if da is not None:
+                d_alpha = d_alpha + da.sum((0, 2), keepdim=True)
+        return dq, dk, dv, d_alpha if need_alpha else None
+
+
+class AdaptiveSparseAttention(AttentionBlock):
+    """``x + proj(MHA(x))`` with softmax replaced by alpha-entmax, alpha learned per head.
+
+    What adapts: each query's *support*, the set of keys it gives non-zero weight, is decided by the
+    content: keys whose score falls below the query's threshold ``tau`` get exactly zero. How many
+    survive depends on the spread of the query's scores and on its head's alpha: alpha near 1 acts
+    like softmax (dense), alpha = 2 is sparsemax (sparsest); alpha is learned per head, so each
+    head chooses how sparse to be (the paper's finding: heads specialise, some dense, some sparse).
+    How it is measured: :meth:`sparsity` returns, per head, the fraction of query-key weights
+    that are exactly zero for an input; ``alpha`` holds the current alpha of each head.
+
+    ``alpha = clamp(1 + sigmoid(alpha_logit), 1.01, 2)`` as in the authors' code, with the logit
+    starting at 0 (alpha = 1.5, the paper's initial value). The weights come from bisection on the
+    threshold (the ``entmax_bisect`` algorithm, 25 steps in float32, 50 in float64); the backward
+    uses the closed-form entmax gradients for the scores and for alpha (not autograd through the
+    bisection), recomputing each chunk of queries' weights from the saved thresholds, so memory
+    stays O(P) beyond one chunk. Time is O(P^2 d) plus a bisection pass over the scores per step:
+    a dense-cost block, for small maps. Queries and keys get the 2-D sin-cos positions as in
+    ``mhsa``.
+
+    Args:
+        channels: input channels C.
+        heads: number of heads (must divide C); default: the most of 8/4/2 with >= 16 channels each.
+        qkv_bias: biases in the q/k/v projection.
+        pos_embed: ``"sincos"`` or ``"none"``.
+    """
+
+    def __init__(self, channels: int, *, heads: int | None = None, qkv_bias: bool = True,
+                 pos_embed: str = "sincos", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        name = "AdaptiveSparseAttention"
+        if pos_embed not in ("sincos", "none"):
+            raise ValueError(f"{name} pos_embed must be 'sincos' or 'none', got {pos_embed!r}")
+        dd = {"device": device, "dtype": dtype}
+        self.channels = channels
+        self.heads = check_heads(channels, heads, name)
+        self.pos_embed = pos_embed
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1, bias=qkv_bias, **dd)
+        self.proj = nn.Conv2d(channels, channels, 1, **dd)
+        self.alpha_logit = nn.Parameter(torch.zeros(self.heads, **dd))
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """``(heads,)`` the alpha of each head, in ``[1.01, 2]``."""
+        return (1 + torch.sigmoid(self.alpha_logit)).clamp(ALPHA_MIN, 2)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(N, heads, HW, d)`` queries (already scaled by ``d ** -0.5``), keys and values."""
+        n, c, h, w = x.shape
+        qkv = self.qkv(x).flatten(2)  # (N, 3C, HW)
+        if self.pos_embed == "sincos":
+            pos = sincos_2d(h, w, c, device=x.device, dtype=qkv.dtype).t()  # (C, HW)
+            pos_qk = self.qkv.weight[:2 * c].flatten(1).to(qkv.dtype) @ pos  # (2C, HW): W_{q,k} p
+            qkv = torch.cat([qkv[:, :2 * c] + pos_qk, qkv[:, 2 * c:]], 1)
+        q, k, v = qkv.view(n, 3, self.heads, c // self.heads, h * w).transpose(-2, -1).unbind(1)
+        return q * (c // self.heads) ** -0.5, k, v
+
+    def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        n, c, h, w = x.shape
+        q, k, v = self._qkv(x)
+        alpha = self.alpha.view(1, -1, 1, 1)
+        if q.dtype in (torch.float16, torch.bfloat16):  # the bisection needs float32 resolution
+            q, k, v, alpha = q.float(), k.float(), v.float(), alpha.float()
+        with torch.autocast(x.device.type, enabled=False):
+            y = _EntmaxAttention.apply(q, k, v, alpha.to(q.dtype))  # (N, heads, HW, d)
+            if self._capture is not None:
+                self._record(q, k, alpha.to(q.dtype), h, w)
+        y = y.transpose(-2, -1).reshape(n, c, h, w).to(x.dtype)
+        return torch.add(x, F.conv2d(y, self.proj.weight, self.proj.bias), out=out)
+
+    def _weights(self, q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor):
+        """Yield ``(start, p)``: the entmax weights ``(N, heads, l, HW)`` of chunks of queries."""
+        step = max(1, CHUNK_ELEMENTS // (q.shape[0] * q.shape[1] * k.shape[2]))
+        for start in range(0, q.shape[2], step):
+            x = q[:, :, start:start + step] @ k.transpose(-2, -1)
+            yield start, _probs(x, alpha, *_threshold(x, alpha, _n_iter(x.dtype)))
+
+    @torch.no_grad()
+    def sparsity(self, x: torch.Tensor) -> torch.Tensor:
+        """``(heads,)`` the fraction of query-key weights that are exactly zero, per head, for the
+        input ``x`` ``(N, C, H, W)`` (0 for softmax attention; ``1 - 1/HW`` when every query keeps
+        one key)."""
+        check_input(x, self.channels, type(self).__name__)
+        q, k, _ = self._qkv(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
+        zeros = torch.zeros(self.heads, device=x.device, dtype=torch.float64)
+        alpha = self.alpha.view(1, -1, 1, 1).to(q.dtype)
+        for _, p in self._weights(q, k, alpha):
+            zeros += (p == 0).sum((0, 2, 3)).double()
+        return (zeros / (q.shape[0] * q.shape[2] * k.shape[2])).float()
+
+    def _record(self, q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, h: int, w: int) -> None:
+        """Store "received" and "query" maps (explain only)."""
+        n = q.shape[0]
+        received = torch.zeros(n, h * w, device=q.device)
+        qi = self._capture.query_index(h, w)
+        for start, p in self._weights(q.detach(), k.detach(), alpha.detach()):
+            received += p.float().mean(1).sum(1)
+            if qi is not None and start <= qi < start + p.shape[2]:
+                self._capture.add("query", p[:, :, qi - start].float().mean(1).view(n, h, w))
+        self._capture.add("received", received.view(n, h, w) / (h * w))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, heads={self.heads}, pos_embed={self.pos_embed!r}"
