@@ -1,5 +1,6 @@
 """Attention blocks, one paper per module. Use :func:`visattn.create_block` to build them by name."""
 from ._base import AttentionBlock, SafeBatchNorm2d, check_input, make_divisible
+from ._fused import fused_enabled, set_fused
 from .adaptive import AdaptiveSparseAttention, entmax_bisect
 from .axial import AxialAttention
 from .bam import BottleneckAttention
@@ -55,5 +56,7 @@ __all__ = [
     "WindowAttention",
     "check_input",
     "entmax_bisect",
+    "fused_enabled",
     "make_divisible",
+    "set_fused",
 ]

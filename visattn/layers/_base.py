@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._capture import Capture
+from ._fused import fused_forward
 
 __all__ = [
     "MAX_BLOCK_ELEMENTS",
@@ -249,6 +250,8 @@ class AttentionBlock(nn.Module):
 
     def _checked_forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.channels, type(self).__name__, _param_dtype(self))
+        if (y := fused_forward(self, x)) is not None:  # CUDA: compiled gate kernels (_fused.py)
+            return y
         if self._use_chunks(x):
             out = torch.empty_like(x)
             step = max(1, CHUNK_BYTES // (x[0].numel() * x.element_size()))
