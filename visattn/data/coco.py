@@ -332,6 +332,10 @@ class CocoDataModule(L.LightningDataModule):
             files are checked by ``setup``, whose errors name the missing file or entry.
         augment: training preset (``"none"``, ``"flip"``, ``"small_objects"``) or an albumentations
             transform; validation only resizes.
+        crop_size: sliced training: each training image (after the resize) is cut to a random
+            ``crop_size`` x ``crop_size`` window, boxes clipped and kept while 30% of them stays in
+            view (as ``"small_objects"``), masks cropped alike; validation sees whole images. Train
+            at tile size on large images, then evaluate with ``DetectionModule(slicing=...)``.
         masks: also return instance masks (for Mask R-CNN).
         semantic: also return ``semantic``, an ``(H, W)`` int64 label map painted from the instance
             masks (0 = background), for segmenters.
@@ -347,7 +351,7 @@ class CocoDataModule(L.LightningDataModule):
     def __init__(self, train_images: str, train_annotations: str, val_images: str | None = None,
                  val_annotations: str | None = None, *, batch_size: int = 4, num_workers: int = 0,
                  image_size: int | None = None, augment: str | None = "flip", masks: bool = False,
-                 semantic: bool = False, val_batch_size: int | None = None) -> None:
+                 semantic: bool = False, val_batch_size: int | None = None, crop_size: int | None = None) -> None:
         super().__init__()
         for name, value in (("train_images", train_images), ("train_annotations", train_annotations)):
             check_pathlike(name, value)
@@ -357,15 +361,17 @@ class CocoDataModule(L.LightningDataModule):
         check_int("val_batch_size", val_batch_size, minimum=1, optional=True)
         check_int("num_workers", num_workers, minimum=0)
         check_int("image_size", image_size, minimum=1, optional=True)
+        check_int("crop_size", crop_size, minimum=8, optional=True)
         check_bool("masks", masks)
         check_bool("semantic", semantic)
+        self.crop_size = crop_size
         self.train_images, self.train_annotations = train_images, train_annotations
         self.val_images = val_images or train_images
         self.val_annotations = val_annotations or train_annotations
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_batch_size = val_batch_size or batch_size
         self.image_size, self.augment, self.masks, self.semantic = image_size, augment, masks, semantic
-        build_transform(augment, image_size)  # fail early on a bad preset
+        build_transform(augment, image_size, crop_size)  # fail early on a bad preset
         self._categories: CategoryMap | None = None
         self._parsed: dict[str, dict] = {}  # each annotation file is read and checked once
         self.train_set: CocoDetectionDataset | None = None
@@ -395,7 +401,7 @@ class CocoDataModule(L.LightningDataModule):
             self.train_set = CocoDetectionDataset(
                 self.train_images, self._load(self.train_annotations), source=self.train_annotations,
                 masks=self.masks, semantic=self.semantic, categories=self.categories,
-                transform=build_transform(self.augment, self.image_size))
+                transform=build_transform(self.augment, self.image_size, self.crop_size))
         if stage in (None, "fit", "validate", "test", "predict") and self.val_set is None:
             self.val_set = CocoDetectionDataset(
                 self.val_images, self.val_gt(), source=self.val_annotations,

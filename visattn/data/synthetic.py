@@ -8,6 +8,12 @@ full (amodal) box. Sizes are skewed small, as in aerial and surveillance data.
 
 The output is plain COCO (``images/`` + ``annotations/instances.json``) with two extra
 per-annotation fields, ``occlusion`` (0..1) and ``amodal_bbox`` (COCO xywh), so any COCO tool reads it.
+
+Large scenes: ``image_size`` is one side (square) or ``(width, height)`` in pixels (PIL's order and
+the ``1536x1024`` of the command line), each side 32 to 8192, so a 2048 x 1536 aerial-like scene with
+4-8 px objects is one setting: ``image_size=(2048, 1536), min_size=4, max_size_frac=0.1,
+min_objects=40, max_objects=80``. Object sizes and occluders scale with the *shorter* side; a square
+size gives exactly the images it always did.
 """
 from __future__ import annotations
 
@@ -33,17 +39,24 @@ from .._checks import check_bool, check_int, check_pathlike
 from .._io import atomic_path, atomic_write_json
 from .images import read_image, resolve_image
 
-__all__ = ["CLASSES", "SynthConfig", "generate_synthetic", "preview", "render_image"]
+__all__ = ["CLASSES", "MAX_SIDE", "SynthConfig", "check_image_size", "generate_synthetic", "image_wh", "preview",
+           "render_image"]
 
+MAX_SIDE = 8192
 CLASSES = ("disc", "square", "triangle", "star", "ring", "cross", "crescent", "hexagon")
 _BACKGROUND, _OCCLUDER = -1, -2
 
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Knobs of the generator (defaults give the mix the evaluation is designed around)."""
+    """Knobs of the generator (defaults give the mix the evaluation is designed around).
 
-    image_size: int = 256
+    ``image_size`` is an int (a square image) or ``(width, height)``; a list is taken as a tuple and
+    a pair with equal sides as that int, so a setting has one spelling (and one cache key).
+    ``max_size_frac`` is relative to the shorter side.
+    """
+
+    image_size: int | tuple[int, int] = 256
     min_objects: int = 4
     max_objects: int = 14
     max_occluders: int = 3
@@ -55,7 +68,7 @@ class SynthConfig:
     max_occlusion: float = 0.95      # objects hidden more than this are dropped, not labelled
 
     def __post_init__(self) -> None:
-        check_int("image_size", self.image_size, minimum=32)
+        object.__setattr__(self, "image_size", check_image_size("image_size", self.image_size))
         check_int("min_objects", self.min_objects, minimum=0)
         check_int("max_objects", self.max_objects, minimum=self.min_objects)
         check_int("max_occluders", self.max_occluders, minimum=0)
@@ -72,6 +85,30 @@ class SynthConfig:
         if self.small_frac + self.medium_small_frac > 1.0:
             raise ValueError(f"SynthConfig.small_frac + medium_small_frac must be <= 1, got "
                              f"{self.small_frac} + {self.medium_small_frac}")
+
+
+def check_image_size(name: str, value) -> int | tuple[int, int]:
+    """``value`` as an int side or a ``(width, height)`` tuple, each 32 to :data:`MAX_SIDE`; a
+    pair with equal sides becomes that int. ``TypeError``/``ValueError`` name ``name``."""
+    if isinstance(value, list | tuple):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or (width, height), got {len(value)} values {value!r:.60}")
+        w, h = (check_int(f"{name}[{i}]", v, minimum=32) for i, v in enumerate(value))
+        value = w if w == h else (w, h)
+    else:
+        if isinstance(value, str):
+            raise TypeError(f"{name} must be an int or a (width, height) pair, got str {value!r:.60}")
+        value = check_int(name, value, minimum=32)
+    if max(image_wh(value)) > MAX_SIDE:
+        raise ValueError(f"{name} sides must be <= {MAX_SIDE}, got {value!r}")
+    return value
+
+
+def image_wh(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(width, height)`` of an ``image_size`` (an int is a square)."""
+    if isinstance(image_size, tuple):
+        return int(image_size[0]), int(image_size[1])
+    return int(image_size), int(image_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,36 +156,38 @@ def _texture(cls: int, u: np.ndarray, v: np.ndarray, freq: float) -> np.ndarray:
     return (np.sin(freq * np.sqrt(u * u + v * v) * 2) > 0).astype(np.float32)  # concentric rings
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Low-frequency colour noise + a random grating + unlabelled clutter strokes, float 0..255."""
+def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """Low-frequency colour noise + a random grating + unlabelled clutter strokes, float 0..255,
+    ``(h, w, 3)``. A square size draws exactly what the one-side version did."""
+    side = min(w, h)
     coarse = rng.integers(0, 256, (rng.integers(3, 9), rng.integers(3, 9), 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.float32)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR), dtype=np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     a = rng.uniform(0, math.pi)
     grating = np.sin((np.cos(a) * xx + np.sin(a) * yy) * rng.uniform(0.1, 0.6))
     img += grating[..., None] * rng.uniform(5, 30) * rng.choice([-1, 1], 3)
-    img += rng.normal(0, rng.uniform(3, 12), (size, size, 1)).astype(np.float32)
+    img += rng.normal(0, rng.uniform(3, 12), (h, w, 1)).astype(np.float32)
     clutter = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(clutter)
     for _ in range(rng.integers(4, 12)):  # thin strokes and faint ellipses: texture, not objects
-        x0, y0 = rng.uniform(0, size, 2)
+        x0, y0 = rng.uniform(0, (w, h))
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         if rng.random() < 0.6:
-            x1, y1 = x0 + rng.normal(0, size / 4), y0 + rng.normal(0, size / 4)
+            x1, y1 = x0 + rng.normal(0, w / 4), y0 + rng.normal(0, h / 4)
             draw.line([(x0, y0), (x1, y1)], fill=colour, width=int(rng.integers(1, 3)))
         else:
-            r = rng.uniform(4, size / 6)
+            r = rng.uniform(4, side / 6)
             draw.ellipse([x0 - r, y0 - r * 0.6, x0 + r, y0 + r * 0.6], outline=colour, width=1)
     return np.asarray(clutter, dtype=np.float32)
 
 
-def _size(rng: np.random.Generator, cfg: SynthConfig) -> float:
+def _size(rng: np.random.Generator, cfg: SynthConfig, side: int) -> float:
     p = rng.random()
     if p < cfg.small_frac:
         return rng.uniform(cfg.min_size, 16.0)
     if p < cfg.small_frac + cfg.medium_small_frac:
         return rng.uniform(16.0, 32.0)
-    top = max(33.0, cfg.max_size_frac * cfg.image_size)
+    top = max(33.0, cfg.max_size_frac * side)
     return math.exp(rng.uniform(math.log(32.0), math.log(top)))
 
 
@@ -157,7 +196,8 @@ def _size(rng: np.random.Generator, cfg: SynthConfig) -> float:
 
 
 def render_image(index: int, seed: int, cfg: SynthConfig = SynthConfig()) -> tuple[np.ndarray, list[dict]]:
-    """Render image ``index`` of the dataset ``seed``: ``(H, W, 3) uint8`` and its objects.
+    """Render image ``index`` of the dataset ``seed``: ``(H, W, 3) uint8`` (``cfg.image_size`` is
+    ``(W, H)`` or one side) and its objects.
 
     Each object dict has ``category`` (0-based class index), ``mask`` (visible, bool H x W),
     ``visible``/``full`` pixel counts and ``amodal`` box (x, y, w, h). Deterministic in
@@ -168,9 +208,10 @@ def render_image(index: int, seed: int, cfg: SynthConfig = SynthConfig()) -> tup
     if not isinstance(cfg, SynthConfig):
         raise TypeError(f"cfg must be a SynthConfig, got {type(cfg).__name__}")
     rng = np.random.default_rng([seed, index])
-    size = cfg.image_size
-    img = _background(rng, size)
-    owner = np.full((size, size), _BACKGROUND, dtype=np.int16)
+    w, h = image_wh(cfg.image_size)
+    side = min(w, h)
+    img = _background(rng, w, h)
+    owner = np.full((h, w), _BACKGROUND, dtype=np.int16)
     n_obj = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     n_occ = int(rng.integers(0, cfg.max_occluders + 1))
     # depth order: objects and occluders interleaved; later = nearer the camera
@@ -180,10 +221,10 @@ def render_image(index: int, seed: int, cfg: SynthConfig = SynthConfig()) -> tup
     centres: list[tuple[float, float, float]] = []
     for kind in layers:
         if kind == "occ":
-            _draw_occluder(rng, img, owner, size)
+            _draw_occluder(rng, img, owner, w, h)
             continue
         cls = int(rng.integers(len(CLASSES)))
-        d = _size(rng, cfg)
+        d = _size(rng, cfg, side)
         half = d / 2
         if centres and rng.random() < cfg.cluster_frac:
             cx0, cy0, d0 = centres[int(rng.integers(len(centres)))]
@@ -191,11 +232,11 @@ def render_image(index: int, seed: int, cfg: SynthConfig = SynthConfig()) -> tup
             ang = rng.uniform(0, 2 * math.pi)
             cx, cy = cx0 + off * math.cos(ang), cy0 + off * math.sin(ang)
         else:
-            cx, cy = rng.uniform(0, size, 2)
-        cx = float(np.clip(cx, half + 1, size - half - 1))
-        cy = float(np.clip(cy, half + 1, size - half - 1))
+            cx, cy = rng.uniform(0, (w, h))
+        cx = float(np.clip(cx, half + 1, w - half - 1))
+        cy = float(np.clip(cy, half + 1, h - half - 1))
         x0, y0 = max(int(cx - half) - 1, 0), max(int(cy - half) - 1, 0)
-        x1, y1 = min(int(cx + half) + 2, size), min(int(cy + half) + 2, size)
+        x1, y1 = min(int(cx + half) + 2, w), min(int(cy + half) + 2, h)
         yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
         ang = rng.uniform(0, 2 * math.pi)
         dx, dy = (xx + 0.5 - cx) / half, (yy + 0.5 - cy) / half
@@ -222,18 +263,20 @@ def render_image(index: int, seed: int, cfg: SynthConfig = SynthConfig()) -> tup
         n_vis = int(visible.sum())
         if n_vis == 0 or 1 - n_vis / obj["full"] > cfg.max_occlusion:
             continue
-        mask = np.zeros((size, size), dtype=bool)
+        mask = np.zeros((h, w), dtype=bool)
         mask[y0:y1, x0:x1] = visible
         out.append({"category": obj["category"], "mask": mask, "visible": n_vis,
                     "full": obj["full"], "amodal": obj["amodal"]})
     return np.clip(img, 0, 255).astype(np.uint8), out
 
 
-def _draw_occluder(rng: np.random.Generator, img: np.ndarray, owner: np.ndarray, size: int) -> None:
-    """A class-less bar or blob, marked in ``owner`` so it hides what is behind it."""
-    layer = Image.new("L", (size, size), 0)
+def _draw_occluder(rng: np.random.Generator, img: np.ndarray, owner: np.ndarray, w: int, h: int) -> None:
+    """A class-less bar or blob, marked in ``owner`` so it hides what is behind it; sizes follow
+    the shorter side."""
+    size = min(w, h)
+    layer = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(layer)
-    cx, cy = rng.uniform(0, size, 2)
+    cx, cy = rng.uniform(0, (w, h))
     if rng.random() < 0.5:  # bar
         length, width = rng.uniform(0.2, 0.7) * size, rng.uniform(3, 12)
         a = rng.uniform(0, math.pi)
@@ -386,7 +429,7 @@ def _swap_in(stage: Path, out: Path) -> None:
     os.replace(stage / "annotations" / "instances.json", old_json)
 
 
-def generate_synthetic(out_dir: str | os.PathLike, *, num_images: int, image_size: int = 256,
+def generate_synthetic(out_dir: str | os.PathLike, *, num_images: int, image_size: int | tuple[int, int] = 256,
                        seed: int = 0, workers: int = 1, progress: bool = False,
                        **config) -> Path:
     """Write a synthetic small/occluded-object dataset in COCO format and return ``out_dir``.
@@ -396,7 +439,8 @@ def generate_synthetic(out_dir: str | os.PathLike, *, num_images: int, image_siz
     ``area`` = visible pixels, ``iscrowd`` = 0) plus ``occlusion`` (hidden fraction, exact from the
     masks) and ``amodal_bbox`` (the whole object's box). Objects hidden more than
     ``max_occlusion`` (0.95) are dropped. The same ``seed`` gives byte-identical JSON and images,
-    whatever ``workers`` is. Extra keywords are :class:`SynthConfig` fields.
+    whatever ``workers`` is. Extra keywords are :class:`SynthConfig` fields. ``image_size`` is one
+    side or ``(width, height)`` (e.g. ``(1536, 1024)`` for a large landscape scene).
 
     The whole set is written to a staging folder beside ``out_dir``
     (``.<name>.partial-<pid>``) and swapped in when complete: ``out_dir/images`` is replaced
@@ -411,7 +455,7 @@ def generate_synthetic(out_dir: str | os.PathLike, *, num_images: int, image_siz
     """
     check_pathlike("out_dir", out_dir)
     check_int("num_images", num_images, minimum=1)
-    check_int("image_size", image_size, minimum=32)
+    image_size = check_image_size("image_size", image_size)
     check_int("seed", seed, minimum=0)
     check_int("workers", workers, minimum=1)
     check_bool("progress", progress)
@@ -448,10 +492,11 @@ def _write_set(stage: Path, cfg: SynthConfig, *, num_images: int, seed: int, wor
         from tqdm import tqdm
         results = tqdm(rendered, total=num_images, desc="synth", unit="img")
     images, annotations = [], []
+    width, height = image_wh(cfg.image_size)
     with contextlib.closing(rendered):  # ends the pool at once if anything below fails
         for index, anns in results:
-            images.append({"id": index + 1, "file_name": f"{index:06d}.png", "width": cfg.image_size,
-                           "height": cfg.image_size})
+            images.append({"id": index + 1, "file_name": f"{index:06d}.png", "width": width,
+                           "height": height})
             annotations.extend(anns)
     for i, ann in enumerate(annotations, start=1):
         ann["id"] = i

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .._checks import check_int, check_pathlike
 from .coco import CategoryMap, CocoDataModule
-from .synthetic import CLASSES, SynthConfig, generate_synthetic, locked
+from .synthetic import CLASSES, SynthConfig, check_image_size, generate_synthetic, image_wh, locked
 
 __all__ = ["SyntheticDataModule", "default_cache_dir"]
 
@@ -25,7 +25,8 @@ def default_cache_dir() -> Path:
 
 
 def _expected_info(num_images: int, seed: int, cfg: SynthConfig) -> dict:
-    return {"seed": seed, "num_images": num_images, "config": asdict(cfg)}
+    # as it reads back from instances.json (a (width, height) tuple is a JSON list)
+    return json.loads(json.dumps({"seed": seed, "num_images": num_images, "config": asdict(cfg)}))
 
 
 class SyntheticDataModule(CocoDataModule):
@@ -42,22 +43,42 @@ class SyntheticDataModule(CocoDataModule):
 
     Args:
         num_train / num_val: images per split (different seeds: ``seed`` and ``seed + 1``).
-        image_size: side of the generated images (>= 32); also the loader's resize.
+        image_size: side of the generated images (>= 32), or ``(width, height)`` for non-square
+            large scenes (e.g. ``[1536, 1024]``); its longer side is also the loader's resize
+            (so generated images are never resized).
         root: where the splits go (default: cache). Other arguments as :class:`CocoDataModule`.
         gen_workers: generator processes.
+        crop_size: train on random ``crop_size`` x ``crop_size`` crops of the training images
+            (sliced training, see :class:`CocoDataModule`); validation sees whole images.
+        synth: further :class:`~visattn.data.SynthConfig` settings for both splits (e.g.
+            ``{"min_size": 4, "max_size_frac": 0.1, "min_objects": 40, "max_objects": 80}`` for
+            large scenes of tiny objects); part of the cache key.
+
+    Example (large scenes, trained on 256 px crops, evaluated sliced by
+    ``DetectionModule(slicing=...)``):
+        >>> dm = SyntheticDataModule(200, 20, image_size=(1536, 1024), crop_size=256,
+        ...                          synth={"min_size": 4, "max_size_frac": 0.1, "max_objects": 60})
     """
 
-    def __init__(self, num_train: int = 1000, num_val: int = 200, image_size: int = 256, seed: int = 0,
-                 root: str | None = None, *, batch_size: int = 8, num_workers: int = 0,
+    def __init__(self, num_train: int = 1000, num_val: int = 200, image_size: int | tuple[int, int] = 256,
+                 seed: int = 0, root: str | None = None, *, batch_size: int = 8, num_workers: int = 0,
                  augment: str | None = "flip", masks: bool = False, semantic: bool = False,
-                 val_batch_size: int | None = None, gen_workers: int = 1) -> None:
+                 val_batch_size: int | None = None, gen_workers: int = 1, crop_size: int | None = None,
+                 synth: dict | None = None) -> None:
         check_int("num_train", num_train, minimum=1)
         check_int("num_val", num_val, minimum=1)
-        check_int("image_size", image_size, minimum=32)
+        image_size = check_image_size("image_size", image_size)
         check_int("seed", seed, minimum=0)
         check_int("gen_workers", gen_workers, minimum=1)
         check_pathlike("root", root, optional=True)
-        self.gen_config = SynthConfig(image_size=image_size)
+        if synth is not None and not isinstance(synth, dict):
+            raise TypeError(f"synth must be a dict of SynthConfig settings or None, got {type(synth).__name__}")
+        synth = dict(synth or {})
+        unknown = sorted(set(synth) - set(SynthConfig.__dataclass_fields__) | ({"image_size"} & set(synth)))
+        if unknown:
+            raise ValueError(f"synth: unknown or misplaced setting(s) {unknown} (image_size is its own argument); "
+                             f"valid: {sorted(set(SynthConfig.__dataclass_fields__) - {'image_size'})}")
+        self.gen_config = SynthConfig(image_size=image_size, **synth)
         self.splits = {"train": (num_train, seed), "val": (num_val, seed + 1)}
         settings = {split: _expected_info(n, s, self.gen_config) for split, (n, s) in self.splits.items()}
         key = hashlib.sha1(json.dumps([GENERATOR_VERSION, settings], sort_keys=True).encode()).hexdigest()[:10]
@@ -65,8 +86,9 @@ class SyntheticDataModule(CocoDataModule):
         self.gen_image_size, self.gen_workers = image_size, gen_workers
         super().__init__(str(self.root / "train" / "images"), str(self.root / "train" / "annotations" / "instances.json"),
                          str(self.root / "val" / "images"), str(self.root / "val" / "annotations" / "instances.json"),
-                         batch_size=batch_size, num_workers=num_workers, image_size=image_size, augment=augment,
-                         masks=masks, semantic=semantic, val_batch_size=val_batch_size)
+                         batch_size=batch_size, num_workers=num_workers, image_size=max(image_wh(image_size)),
+                         augment=augment, masks=masks, semantic=semantic, val_batch_size=val_batch_size,
+                         crop_size=crop_size)
 
     @property
     def categories(self) -> CategoryMap:
@@ -95,5 +117,6 @@ class SyntheticDataModule(CocoDataModule):
         with locked(self.root):
             for split, (n, seed) in self.splits.items():
                 if not self._is_made(split):
+                    settings = {k: v for k, v in asdict(self.gen_config).items() if k != "image_size"}
                     generate_synthetic(self.root / split, num_images=n, image_size=self.gen_image_size,
-                                       seed=seed, workers=self.gen_workers, progress=True)
+                                       seed=seed, workers=self.gen_workers, progress=True, **settings)

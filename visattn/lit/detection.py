@@ -18,6 +18,7 @@ from torch import nn
 from .._checks import check_bool as _check_bool
 from .._checks import check_choice as _check_choice
 from .._checks import check_int as _check_int
+from ..predict import SlicingConfig, predict_images
 from .checkpoint import check_finite_state, check_state_dict_matches
 
 __all__ = ["NAN_POLICIES", "CheckedModule", "DetectionModule", "WarmupCosineLR", "check_resume", "configure_optimizers",
@@ -333,6 +334,12 @@ class DetectionModule(CheckedModule):
         eval_errors: also compute the TIDE-style error breakdown at validation (slower).
         channels_last: run the backbone and neck in channels-last memory format (faster convolutions
             on GPUs with tensor cores, especially under bf16).
+        slicing: evaluate and predict with sliced inference (:func:`visattn.predict.sliced_predict`):
+            ``None`` (off, default), a :class:`visattn.predict.SlicingConfig` or a dict of its
+            fields, e.g. ``{"slice_size": 256, "overlap": 0.2, "merge": "nms", "match": "iou",
+            "threshold": 0.5, "full_image": True, "batch_size": 8}``; on the command line
+            ``--model.init_args.slicing.slice_size=256`` (and ``.overlap=...`` etc.). Training is
+            unchanged (train on crops with ``data.init_args.crop_size``).
 
     Logged: ``train/loss`` and each loss term; ``val/AP``, ``val/AP50``, ``val/AP75``, ``val/APs``,
     ``val/APm``, ``val/APl``, ``val/AR100``, ``val/AP_<size bin>`` (``very_tiny``, ``tiny``, ...)
@@ -348,7 +355,8 @@ class DetectionModule(CheckedModule):
     def __init__(self, model: nn.Module, optimizer: OptimizerCallable | None = None,
                  scheduler: LRSchedulerCallable | None = None, scheduler_interval: str = "epoch",
                  nan_policy: str = "raise", iou_type: str = "bbox", eval_backend: str = "faster_coco_eval",
-                 eval_errors: bool = False, channels_last: bool = False, max_consecutive_skips: int = 10) -> None:
+                 eval_errors: bool = False, channels_last: bool = False, max_consecutive_skips: int = 10,
+                 slicing: SlicingConfig | None = None) -> None:
         super().__init__()
         from ..evaluation import BACKENDS
 
@@ -362,7 +370,11 @@ class DetectionModule(CheckedModule):
         _check_bool("eval_errors", eval_errors)
         _check_bool("channels_last", channels_last)
         _check_int("max_consecutive_skips", max_consecutive_skips, 1)
-        self.save_hyperparameters(ignore=["model"])
+        self.slicing = SlicingConfig.coerce(slicing)
+        self.save_hyperparameters(ignore=["model", "slicing"])
+        # plain data in the hyper-parameters, so checkpoints load with weights_only=True
+        self.hparams["slicing"] = None if self.slicing is None else {
+            k: list(v) if isinstance(v, tuple) else v for k, v in self.slicing.kwargs().items()}
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -444,7 +456,7 @@ class DetectionModule(CheckedModule):
     def _results(self, batch) -> dict[int, list[dict]]:
         """``{image_id: COCO results}`` for one batch, in the dataset's pixels and category ids."""
         images, targets = batch
-        outputs = self.model(images)
+        outputs = predict_images(self.model, images, self.slicing)
         to_category = self._categories().categories.to_category
         segm = self.hparams.iou_type == "segm"
         return {int(t["image_id"]): to_coco_results(out, t, to_category, segm)

@@ -1,0 +1,361 @@
+"""Sliced inference (visattn.predict): tiling, merge rules on hand-computed cases, batching,
+masks, the detector's resize, sliced validation through train.py, and `visattn predict`."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from visattn.predict import (
+    SlicingConfig,
+    merge_predictions,
+    sliced_predict,
+    tile_starts,
+    tile_windows,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiling
+
+
+@pytest.mark.parametrize(("length", "tile", "overlap", "want"), [
+    (600, 256, 0.2, [0, 205, 344]),     # does not divide: last tile shifted back to end at 600
+    (512, 256, 0.0, [0, 256]),          # divides exactly: no extra tile
+    (512, 256, 0.2, [0, 205, 256]),
+    (256, 256, 0.2, [0]),               # exactly one tile
+    (100, 256, 0.2, [0]),               # smaller than a tile
+    (257, 256, 0.5, [0, 1]),
+])
+def test_tile_starts(length, tile, overlap, want):
+    assert tile_starts(length, tile, overlap) == want
+
+
+@pytest.mark.parametrize(("w", "h", "size"), [(600, 300, 256), (512, 512, 256), (100, 80, 256), (257, 1000, (128, 96)),
+                                              (1536, 1024, 512)])
+def test_tiles_cover_every_pixel_and_stay_inside(w, h, size):
+    windows = tile_windows(w, h, size, 0.2)
+    tw, th = (size, size) if isinstance(size, int) else size
+    covered = np.zeros((h, w), dtype=np.int32)
+    for x0, y0, x1, y1 in windows:
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        assert (x1 - x0, y1 - y0) == (min(tw, w), min(th, h))  # never padded, never cut short
+        covered[y0:y1, x0:x1] += 1
+    assert covered.min() >= 1
+    assert len(set(windows)) == len(windows)
+
+
+# --------------------------------------------------------------------------------------------------
+# A detector stub: knows which tile it is shown from the pixels (channel 0 = x / W, channel 1 = y / H)
+
+W, H = 400, 200
+SLICE = (256, 200)   # two tiles: x 0-256 and 144-400 (seams at x = 256 for the first, 144 for the second)
+
+
+def coded_image(w=W, h=H) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    return torch.stack([xx / w, yy / h, torch.zeros_like(xx)]).float()
+
+
+class Stub(torch.nn.Module):
+    """Returns the boxes listed for each tile origin (tile pixels) or ``"full"`` (image pixels)."""
+
+    def __init__(self, per_tile: dict, w=W, h=H, masks=False):
+        super().__init__()
+        self.per_tile, self.w, self.h, self.masks = per_tile, w, h, masks
+        self.batches: list[int] = []
+        self.eval()
+
+    def forward(self, images):
+        self.batches.append(len(images))
+        outs = []
+        for im in images:
+            if tuple(im.shape[1:]) == (self.h, self.w) and "full" in self.per_tile:
+                key = "full"
+            else:
+                key = (round(float(im[0, 0, 0]) * self.w), round(float(im[1, 0, 0]) * self.h))
+            dets = self.per_tile.get(key, [])
+            out = {"boxes": torch.tensor([d[0] for d in dets], dtype=torch.float32).reshape(-1, 4),
+                   "scores": torch.tensor([d[1] for d in dets], dtype=torch.float32),
+                   "labels": torch.tensor([d[2] for d in dets], dtype=torch.int64)}
+            if self.masks:
+                m = torch.zeros((len(dets), 1, *im.shape[1:]))
+                for i, d in enumerate(dets):
+                    x0, y0, x1, y1 = (int(v) for v in d[0])
+                    m[i, 0, y0:y1, x0:x1] = d[1]
+                out["masks"] = m
+            outs.append(out)
+        return outs
+
+
+# Case A (class 1): an object cut by the seam at x = 256: tile 0 sees its left part, tile 1 all of it.
+# Case B (class 2): one object inside the overlap, seen whole by both tiles (a duplicate).
+# Case C (class 3): two overlapping objects in tile 0 only, Q partly hidden by P (IoS 0.75).
+# Case D (class 4): two overlapping objects in the overlap, R in front of S, seen by both tiles.
+TILES = {
+    (0, 0): [([240, 50, 256, 80], 0.9, 1), ([180, 120, 200, 140], 0.7, 2),
+             ([20, 20, 60, 60], 0.95, 3), ([45, 30, 65, 50], 0.5, 3),
+             ([160, 20, 200, 60], 0.9, 4), ([185, 30, 205, 50], 0.6, 4)],
+    (144, 0): [([96, 50, 126, 80], 0.8, 1), ([37, 121, 57, 141], 0.6, 2),
+               ([17, 20, 57, 60], 0.85, 4), ([42, 30, 62, 50], 0.55, 4)],
+}
+
+
+def as_set(out) -> set:
+    return {(tuple(round(v, 3) for v in b.tolist()), round(float(s), 3), int(lab))
+            for b, s, lab in zip(out["boxes"], out["scores"], out["labels"], strict=True)}
+
+
+def run(merge, match, safe, **kw):
+    return sliced_predict(Stub(TILES), coded_image(), slice_size=SLICE, overlap=0.2, full_image=False, merge=merge,
+                          match=match, threshold=0.5, occlusion_safe=safe, **kw)
+
+
+def test_windows_of_the_stub_case():
+    assert tile_windows(W, H, SLICE, 0.2) == [(0, 0, 256, 200), (144, 0, 400, 200)]
+
+
+def test_greedy_nmm_occlusion_safe_hand_computed():
+    assert as_set(run("greedy_nmm", "ios", True)) == {
+        ((240, 50, 270, 80), 0.9, 1),                                # A: halves joined across the seam
+        ((180, 120, 200, 140), 0.7, 2),                              # B: second whole view absorbed
+        ((20, 20, 60, 60), 0.95, 3), ((45, 30, 65, 50), 0.5, 3),     # C: one tile's two objects stay two
+        ((160, 20, 200, 60), 0.9, 4), ((185, 30, 205, 50), 0.6, 4),  # D: each absorbs its own twin only
+    }
+
+
+def test_greedy_nmm_plain_fuses_occluded_neighbours():
+    """SAHI's rule: every same-class pair with IoS >= 0.5 merges, so C and D collapse to one box each."""
+    assert as_set(run("greedy_nmm", "ios", False)) == {
+        ((240, 50, 270, 80), 0.9, 1), ((180, 120, 201, 141), 0.7, 2),
+        ((20, 20, 65, 60), 0.95, 3), ((160, 20, 206, 60), 0.9, 4),
+    }
+
+
+def test_nmm_plain_and_safe_hand_computed():
+    assert as_set(run("nmm", "ios", False)) == as_set(run("greedy_nmm", "ios", False))
+    assert as_set(run("nmm", "ios", True)) == as_set(run("greedy_nmm", "ios", True))
+
+
+def test_nms_hand_computed():
+    plain = as_set(run("nms", "iou", False))  # torchvision's batched_nms
+    assert plain == {((240, 50, 256, 80), 0.9, 1),   # A: IoU 480 / 900 = 0.53 > 0.5: the cut half survives
+                     ((180, 120, 200, 140), 0.7, 2),
+                     ((20, 20, 60, 60), 0.95, 3), ((45, 30, 65, 50), 0.5, 3),  # C: IoU 0.18, kept
+                     ((160, 20, 200, 60), 0.9, 4), ((185, 30, 205, 50), 0.6, 4)}
+    assert as_set(run("nms", "iou", True)) == plain
+    # IoS: C's pair matches (0.75): plain NMS drops Q, the occlusion-safe rule keeps it
+    assert ((45, 30, 65, 50), 0.5, 3) not in as_set(run("nms", "ios", False))
+    assert ((45, 30, 65, 50), 0.5, 3) in as_set(run("nms", "ios", True))
+
+
+def test_nmm_is_transitive_greedy_is_not():
+    """A-B and B-C match (IoU 0.54), A-C does not (0.25). Greedy: A takes B, C stays. NMM (SAHI):
+    B hands C to A's group, C no longer matches the merged A+B (0.44) and is dropped."""
+    boxes = torch.tensor([[0, 0, 10, 10], [3, 0, 13, 10], [6, 0, 16, 10]], dtype=torch.float32)
+    scores, labels = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([5, 5, 5])
+    assert merge_predictions(boxes, scores, labels, merge="greedy_nmm", match="iou", threshold=0.5) == \
+        [(0, [1]), (2, [])]
+    assert merge_predictions(boxes, scores, labels, merge="nmm", match="iou", threshold=0.5) == [(0, [1])]
+    # a different class never merges
+    assert merge_predictions(boxes, scores, torch.tensor([5, 6, 5]), merge="greedy_nmm", match="iou",
+                             threshold=0.5) == [(0, []), (1, []), (2, [])]
+
+
+def test_merge_does_not_depend_on_input_order():
+    out = run("greedy_nmm", "ios", True)
+    tiles = {k: list(reversed(v)) for k, v in TILES.items()}
+    rev = sliced_predict(Stub(tiles), coded_image(), slice_size=SLICE, full_image=False, merge="greedy_nmm",
+                         match="ios")
+    assert torch.equal(out["boxes"], rev["boxes"]) and torch.equal(out["scores"], rev["scores"])
+
+
+def test_full_image_pass_merges_with_tiles_and_adds_large_objects():
+    tiles = dict(TILES)
+    tiles["full"] = [([238, 49, 271, 81], 0.5, 1),      # A again, from the full image: merges
+                     ([0, 0, 390, 190], 0.8, 7)]        # a large object only the full pass sees
+    out = sliced_predict(Stub(tiles), coded_image(), slice_size=SLICE, full_image=True, merge="greedy_nmm",
+                         match="ios")
+    got = as_set(out)
+    assert ((238, 49, 271, 81), 0.9, 1) in got and ((0, 0, 390, 190), 0.8, 7) in got
+    assert len(got) == 7
+
+
+# --------------------------------------------------------------------------------------------------
+# Batching, resizing, masks
+
+
+def many_tiles():
+    """A 1000 x 600 image in 256 px tiles, each tile with boxes at its seams and inside."""
+    w, h = 1000, 600
+    per = {}
+    for x0, y0, _, _ in tile_windows(w, h, 256, 0.2):
+        per[(x0, y0)] = [([0, 10, 12, 30], 0.5 + (x0 % 7) / 20, 1), ([240, 100, 256, 120], 0.6, 1),
+                         ([100, 100, 130, 140], 0.3 + (y0 % 5) / 20, 2), ([110, 105, 128, 130], 0.4, 2)]
+    return per, w, h
+
+
+def test_results_identical_for_batch_sizes_1_and_8():
+    per, w, h = many_tiles()
+    outs = []
+    for bs in (1, 8):
+        stub = Stub(per, w, h)
+        outs.append(sliced_predict(stub, coded_image(w, h), slice_size=256, batch_size=bs, full_image=False))
+        assert max(stub.batches) == bs  # tiles really go bs at a time
+    n_tiles = len(tile_windows(w, h, 256, 0.2))
+    assert stub.batches == [8] * (n_tiles // 8) + ([n_tiles % 8] if n_tiles % 8 else [])
+    for k in ("boxes", "scores", "labels"):
+        assert torch.equal(outs[0][k], outs[1][k])
+    assert len(outs[0]["boxes"]) > 0
+
+
+class Resizing(Stub):
+    """A stub with a torchvision-like transform, recording the sizes it was asked to resize to."""
+
+    def __init__(self, *a, fail=False, **kw):
+        super().__init__(*a, **kw)
+        self.transform = torch.nn.Module()
+        self.transform.min_size, self.transform.max_size = (800,), 1333
+        self.seen, self.fail = [], fail
+
+    def forward(self, images):
+        self.seen.append((self.transform.min_size, self.transform.max_size, tuple(images[0].shape[1:])))
+        if self.fail:
+            raise RuntimeError("boom")
+        return super().forward(images)
+
+
+def test_tiles_run_at_native_resolution_and_the_transform_is_restored():
+    stub = Resizing(TILES)
+    sliced_predict(stub, coded_image(), slice_size=SLICE, full_image=True)
+    assert stub.seen[0] == ((200,), 256, (200, 256))           # tile pass: scale 1
+    assert stub.seen[-1] == ((800,), 1333, (H, W))             # full pass: the model's own setting
+    assert (stub.transform.min_size, stub.transform.max_size) == ((800,), 1333)
+    stub = Resizing(TILES)
+    sliced_predict(stub, coded_image(), slice_size=SLICE, full_image=False, resize="model")
+    assert stub.seen[0][:2] == ((800,), 1333)
+    failing = Resizing(TILES, fail=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        sliced_predict(failing, coded_image(), slice_size=SLICE)
+    assert (failing.transform.min_size, failing.transform.max_size) == ((800,), 1333)
+
+
+def test_masks_are_pasted_at_their_tile_and_merged():
+    out = sliced_predict(Stub(TILES, masks=True), coded_image(), slice_size=SLICE, full_image=False,
+                         merge="greedy_nmm", match="ios")
+    assert out["masks"].shape == (len(out["boxes"]), 1, H, W)
+    for box, mask, label in zip(out["boxes"], out["masks"], out["labels"], strict=True):
+        ys, xs = torch.nonzero(mask[0] > 0, as_tuple=True)
+        # every mask fills exactly its (merged) box: the stub paints each box, pasted at the tile origin
+        assert (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) == tuple(int(v) for v in box)
+        if int(label) == 1:  # A: tile 0's half (0.9) and tile 1's whole (0.8) -> the maximum
+            assert float(mask[0, 60, 245]) == pytest.approx(0.9) and float(mask[0, 60, 265]) == pytest.approx(0.8)
+
+
+@pytest.mark.slow  # a real FCOS; the stub test above checks exact identity in the default run
+def test_real_detector_batch_sizes_agree():
+    from visattn.models import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector("fcos", backbone="resnet10t", num_classes=3, pretrained_backbone=False, fpn_channels=64,
+                           detector_kwargs={"min_size": 64, "max_size": 64, "score_thresh": 0.0,
+                                            "detections_per_img": 20, "topk_candidates": 100}).eval()
+    image = torch.rand(3, 80, 120)  # 4 tiles and the full image
+    a = sliced_predict(model, image, slice_size=64, batch_size=1)
+    b = sliced_predict(model, image, slice_size=64, batch_size=8)
+    assert len(a["boxes"]) == len(b["boxes"]) > 0
+    torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=0)
+    torch.testing.assert_close(a["scores"], b["scores"], atol=1e-4, rtol=0)
+    assert model.transform.min_size == (64,) and model.transform.max_size == 64
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+
+
+@pytest.mark.parametrize(("kwargs", "error", "name"), [
+    ({"slice_size": 0}, ValueError, "slice_size"),
+    ({"slice_size": "256"}, TypeError, "slice_size"),
+    ({"slice_size": (256, 0)}, ValueError, r"slice_size\[1\]"),
+    ({"slice_size": 256, "overlap": 1.0}, ValueError, "overlap"),
+    ({"slice_size": 256, "merge": "wbf"}, ValueError, "merge"),
+    ({"slice_size": 256, "match": "giou"}, ValueError, "match"),
+    ({"slice_size": 256, "threshold": 0}, ValueError, "threshold"),
+    ({"slice_size": 256, "batch_size": 0}, ValueError, "batch_size"),
+    ({"slice_size": 256, "batch_size": 2.0}, TypeError, "batch_size"),
+    ({"slice_size": 256, "full_image": 1}, TypeError, "full_image"),
+    ({"slice_size": 256, "resize": "up"}, ValueError, "resize"),
+    ({"slice_size": 256, "max_detections": 0}, ValueError, "max_detections"),
+])
+def test_bad_arguments_are_named(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        sliced_predict(Stub(TILES), coded_image(), **kwargs)
+
+
+def test_bad_image_and_detector():
+    with pytest.raises(ValueError, match="image"):
+        sliced_predict(Stub(TILES), torch.rand(1, 10, 10), slice_size=8)
+    with pytest.raises(TypeError, match="image"):
+        sliced_predict(Stub(TILES), [1, 2], slice_size=8)
+    with pytest.raises(ValueError, match="eval"):
+        sliced_predict(Stub(TILES).train(), coded_image(), slice_size=256)
+    with pytest.raises(TypeError, match="one dict per input"):
+        sliced_predict(lambda images: {"boxes": None}, coded_image(), slice_size=256)
+    with pytest.raises(ValueError, match="unknown setting"):
+        SlicingConfig.coerce({"slice": 256})
+
+
+# --------------------------------------------------------------------------------------------------
+# Where users are: train.py validate --model.init_args.slicing..., visattn predict
+
+
+def test_sliced_validate_writes_the_report(tmp_path, monkeypatch):
+    from train import main
+
+    monkeypatch.setenv("VISATTN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(ROOT)
+    cli = main(["validate", "--config", "configs/quickstart.yaml", f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.enable_progress_bar=false", "--data.init_args.num_train=1", "--data.init_args.num_val=2",
+                "--data.init_args.image_size=[192, 128]", "--data.init_args.batch_size=2",
+                '--data.init_args.synth={"min_size": 4, "max_size_frac": 0.2, "max_objects": 8}',
+                '--model.init_args.model.init_args.detector_kwargs={"min_size": 96, "max_size": 96, "score_thresh": 0.0}',
+                "--model.init_args.slicing.slice_size=96", "--model.init_args.slicing.batch_size=4"])
+    assert cli.model.slicing.slice_size == 96
+    result = cli.model.last_eval
+    assert result is not None and "size" in result and "occlusion" in result
+    report = list(Path(tmp_path).rglob("report/report.json"))
+    assert report and json.loads(report[0].read_text())
+    inner = cli.model.model
+    assert inner.transform.min_size == (96,) and inner.transform.max_size == 96  # restored
+
+
+def test_visattn_predict_writes_coco_results(tmp_path, capsys):
+    from PIL import Image
+
+    from visattn.cli import main
+    from visattn.data.synthetic import SynthConfig, render_image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    img, _ = render_image(0, 1, SynthConfig(image_size=(160, 96)))
+    Image.fromarray(img).save(folder / "a.png")
+    out = tmp_path / "preds.json"
+    assert main(["predict", "--weights", "fcos_resnet10t_eca.synth256", "--images", str(folder), "--slice", "64",
+                 "--score-threshold", "0.05", "--out", str(out)]) == 0
+    preds = json.loads(out.read_text())
+    assert preds and all(p["image_id"] == 1 and 1 <= p["category_id"] <= 8 and len(p["bbox"]) == 4 for p in preds)
+    assert all(0 <= p["bbox"][0] and p["bbox"][0] + p["bbox"][2] <= 160.01 for p in preds)
+    # errors: one line naming the option, status 2, nothing written
+    bad = tmp_path / "bad.json"
+    assert main(["predict", "--weights", "fcos_resnet10t_eca.synth256", "--images", str(tmp_path / "nope"),
+                 "--out", str(bad)]) == 2
+    assert "--images" in capsys.readouterr().err
+    assert main(["predict", "--ckpt", str(out), "--images", str(folder), "--out", str(bad)]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert main(["predict", "--weights", "fcos_resnet10t_eca.synth256", "--images", str(folder), "--slice", "64",
+                 "--overlap", "1.5", "--out", str(bad)]) == 2
+    assert "overlap" in capsys.readouterr().err
+    assert not bad.exists()
