@@ -1,4 +1,4 @@
-"""The ``visattn`` command line: ``blocks``, ``synth``, ``eval``, ``weights``, ``bench``, ``demo``.
+"""The ``visattn`` command line: ``blocks``, ``synth``, ``eval``, ``weights``, ``predict``, ``bench``, ``demo``.
 
 A user error (a bad argument, a missing or malformed file, an output path that cannot be written)
 prints one line, ``visattn <command>: error: <what is wrong>``, on stderr and exits with status 2,
@@ -188,6 +188,64 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from ._io import atomic_write_json
+    from .predict import SlicingConfig, load_detector, predict_folder
+
+    check_output_file(args.out, "--out")
+    if not Path(args.images).is_dir():
+        raise NotADirectoryError(f"--images {args.images!r} does not exist or is not a folder")
+    for option, path in (("--ckpt", args.ckpt), ("--config", args.config), ("--gt", args.gt)):
+        if path:
+            _check_input_file(path, option)
+    if args.config and not args.ckpt:
+        raise ValueError("--config goes with --ckpt (published --weights carry their own config)")
+    if args.ckpt and not args.config:
+        raise ValueError("--ckpt needs --config: the run's config.yaml (lightning_logs/version_N), to build the model")
+    slicing = None
+    if args.slice:
+        slicing = SlicingConfig(slice_size=args.slice, overlap=args.overlap, full_image=not args.no_full_image,
+                                merge=args.merge, match=args.match, threshold=args.threshold,
+                                batch_size=args.batch_size, occlusion_safe=not args.plain_merge,
+                                score_threshold=args.score_threshold)
+    model = load_detector(weights=args.weights, ckpt=args.ckpt, config=args.config)
+    results = predict_folder(model, args.images, slicing=slicing, gt=args.gt)
+    atomic_write_json(args.out, results)
+    images = len({r["image_id"] for r in results})
+    print(f"wrote {len(results)} detections on {images} image(s) to {args.out}"
+          + (f" (sliced: {args.slice} px tiles)" if args.slice else ""))
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain_image, load_model, read_image_tensor
+
+    _check_input_file(args.image, "--image")
+    for path, option in ((args.config, "--config"), (args.ckpt, "--ckpt")):
+        if path:
+            _check_input_file(path, option)
+    if args.ckpt and not args.config:
+        raise ValueError("--ckpt goes with --config (--weights names published weights)")
+    out = check_output_dir(args.out, "--out")
+    image = read_image_tensor(args.image)
+    query = None
+    if args.query:
+        (y, x), (h, w) = args.query, image.shape[-2:]
+        if not (0 <= y < h and 0 <= x < w):
+            raise ValueError(f"--query {y:g} {x:g} is outside the {w}x{h} image (give row, column in pixels)")
+        query = (y / h, x / w)
+    model, note = load_model(config=args.config, weights=args.weights, ckpt=args.ckpt)
+    print(f"model: {note}")
+    summary = explain_image(model, image, out, top_k=args.top_k, query=query, steps=args.steps,
+                            seeds=args.seeds, faithful=not args.no_faithfulness, note=note)
+    for name, s in summary["faithfulness"].items():
+        print(f"{name}: deletion {s['deletion_auc']:.3f} insertion {s['insertion_auc']:.3f} "
+              f"(random {s['random_deletion_auc']:.3f} / {s['random_insertion_auc']:.3f}): {s['verdict']}")
+    print(f"wrote {summary['files']['grid']}, {len(summary['files']['detections'])} detection crops "
+          f"and {out / 'faithfulness.json'}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     _cmd_blocks(argparse.Namespace(kind=None))
     print("\nQuick speed check (small tensor; `make bench` runs the full benchmark):\n")
@@ -261,6 +319,44 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--license", default="Apache-2.0")
     w.add_argument("--notes", help="free text for the recipe (device, wall time, ...)")
     p.set_defaults(fn=_cmd_weights)
+
+    p = sub.add_parser("predict", help="detect in a folder of images, optionally sliced (SAHI); COCO results JSON")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", metavar="NAME", help="a published model (`visattn weights list`)")
+    src.add_argument("--ckpt", metavar="PATH", help="a Lightning checkpoint of your own run (needs --config)")
+    p.add_argument("--config", help="with --ckpt: the run's config.yaml")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--gt", help="COCO instances JSON: predict its images with its image and category ids "
+                                "(default: every image in the folder, ids 1.. by file name, category = label)")
+    p.add_argument("--out", required=True, help="COCO results JSON to write")
+    p.add_argument("--slice", type=_non_negative_int, default=0, metavar="PX",
+                   help="tile side in pixels (0: no slicing, the detector as configured)")
+    p.add_argument("--overlap", type=float, default=0.2, help="fraction of a tile shared with its neighbour")
+    p.add_argument("--merge", choices=["nms", "greedy_nmm", "nmm"], default="nms")
+    p.add_argument("--match", choices=["iou", "ios"], default="iou")
+    p.add_argument("--threshold", type=float, default=0.5, help="match threshold of the merge")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="tiles per forward pass")
+    p.add_argument("--score-threshold", type=float, default=0.0, help="drop detections scoring at or below this")
+    p.add_argument("--no-full-image", action="store_true", help="tiles only (no full-image pass for large objects)")
+    p.add_argument("--plain-merge", action="store_true",
+                   help="SAHI's merge rule instead of the occlusion-safe one (may fuse neighbouring occluded objects)")
+    p.set_defaults(fn=_cmd_predict)
+
+    p = sub.add_parser("explain", help="attention maps of every block on one image: grid, per-detection "
+                       "crops, faithfulness scores")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="a training config (model.init_args.model); untrained unless --ckpt")
+    src.add_argument("--weights", help="a published model (`visattn weights list`)")
+    p.add_argument("--ckpt", help="a Lightning checkpoint with the weights for --config")
+    p.add_argument("--image", required=True, help="the image to explain")
+    p.add_argument("--out", default="explain", help="output folder (grid.png, detections/, faithfulness.json)")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="detections to explain")
+    p.add_argument("--query", nargs=2, type=float, metavar=("Y", "X"),
+                   help="a point (row, column in image pixels): self-attention blocks show what it attends to")
+    p.add_argument("--steps", type=_positive_int, default=8, help="deletion / insertion steps")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="random orders for the baseline")
+    p.add_argument("--no-faithfulness", action="store_true", help="skip the deletion / insertion test")
+    p.set_defaults(fn=_cmd_explain)
 
     p = sub.add_parser("demo", help="list the blocks and time them on a small tensor")
     p.set_defaults(fn=_cmd_demo)
