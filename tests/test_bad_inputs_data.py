@@ -371,6 +371,20 @@ def test_check_coco_accepts_a_valid_set(ds):
     assert check_coco(copy.deepcopy(ds.data), "x")["images"] == ds.data["images"]
 
 
+@pytest.mark.parametrize("segm, match", [
+    ({"size": [8, 8], "counts": "0"}, r"annotations\[0\] segmentation is not a valid RLE: its runs cover 0 pixels"),
+    ({"size": [8, 8], "counts": "P~~"}, r"annotations\[0\].*not an RLE character"),
+    ({"size": [8, 8], "counts": [10, 20]}, r"annotations\[0\].*runs cover 30 pixels, not height \* width = 64"),
+    ({"size": [8], "counts": "0"}, r"annotations\[0\].*'size' must be \[height, width\]"),
+])
+def test_check_coco_refuses_a_corrupt_rle(ds, segm, match):
+    """pycocotools decodes a corrupt RLE silently (a wrong mask, or a long loop): refused at load."""
+    data = copy.deepcopy(ds.data)
+    data["annotations"][0]["segmentation"] = segm
+    with pytest.raises(ValueError, match=match):
+        check_coco(data, "x")
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. writers stage their whole output and swap it in
 

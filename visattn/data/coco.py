@@ -21,6 +21,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 
 from .._checks import check_bool, check_int, check_pathlike
+from .._rle import rle_problem
 from .images import read_image, resolve_image
 from .transforms import build_transform
 
@@ -89,6 +90,8 @@ def _check_annotation(src: str, i: int, ann, image_ids: set[int], cat_ids: set[i
     if "segmentation" in ann and not isinstance(ann["segmentation"], list | dict):
         _fail(src, f"annotations[{i}] segmentation must be polygons (a list) or an RLE (an object), "
                    f"got {type(ann['segmentation']).__name__}")
+    if isinstance(ann.get("segmentation"), dict) and (problem := rle_problem(ann["segmentation"])):
+        _fail(src, f"annotations[{i}] segmentation is not a valid RLE: {problem}")
 
 
 def check_coco(data, source: str = "the annotations") -> dict:
