@@ -443,3 +443,97 @@ def test_cli_explain_with_the_shipped_weights(tmp_path):
     assert set(summary["faithfulness"]) == set(summary["blocks"])
     for s in summary["faithfulness"].values():
         assert len(s["deletion"]) == 5 and 0 <= s["deletion_auc"] and s["verdict"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Regressions found in review
+
+
+class _LastRowGate(AttentionBlock):
+    """Test block: records a spatial gate of 1 on the last row of its map, 0 elsewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels = None
+
+    def _forward(self, x, out=None):
+        gate = torch.zeros(x.shape[0], *x.shape[-2:])
+        gate[:, -1] = 1
+        if self._capture is not None:
+            self._capture.add("spatial", gate)
+        return x.clone() if out is None else out.copy_(x)
+
+
+def test_maps_keep_the_networks_stride_when_the_size_happens_to_divide():
+    """A stride-32 map of a 40 px input has 2 rows: row 0 covers pixels 0..31, row 1 the rest
+    (it was stretched as if the stride were 40 / 2 = 20); a patch stride of 14 is still found."""
+    assert [E._cell_stride(t, c) for t, c in [(40, 2), (33, 2), (448, 4), (448, 56), (224, 16), (32, 64)]] == \
+        [32, 32, 128, 8, 14, None]
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, stride=32), _LastRowGate()).eval()
+    (m,) = E.attention_maps(model, torch.rand(1, 3, 40, 8), upsample=True).values()
+    assert m.size == (2, 1) and m.stride[0] == 32.0
+    up = m.map(0)[:, 0]
+    assert up[:32].max() < 0.5 < up[32:].min()
+
+
+class _FakeDetector(nn.Module):
+    """Has a detector's transform (so explain treats it as one); never run."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+        self.transform = GeneralizedRCNNTransform(32, 32, [0.5] * 3, [0.2] * 3)
+
+
+def test_review_bad_arguments_are_named():
+    det = _FakeDetector()
+    for bad in (torch.rand(1, 20, 20), torch.rand(4, 20, 20)):  # grayscale, RGBA
+        with pytest.raises(TypeError, match=r"images\[0\] must be a \(3, H, W\)"):
+            E.attention_maps(det, [bad])
+    _no_traces(det)
+    model = nn.Sequential(visattn.create_block("cbam", 3)).eval()
+    for bad in (torch.tensor([0.5, 0.5]), "ab", (True, False)):
+        with pytest.raises(TypeError, match="query"):
+            E.attention_maps(model, torch.rand(1, 3, 8, 8), query=bad)
+    maps = E.attention_maps(model, torch.rand(1, 3, 8, 8), upsample=True)
+    (m,) = maps.values()
+    with pytest.raises(ValueError, match="image must be an index < 1"):
+        m.map(1)
+    with pytest.raises(ValueError, match=r"maps\['0'\] is \(8, 8\) pixels, but image is \(12, 12\)"):
+        E.faithfulness(model, torch.rand(3, 12, 12), maps)
+    with pytest.raises(TypeError, match=r"\(N, classes\) logits.*\(1, 3, 8, 8\)"):  # a feature map, not logits
+        E.faithfulness(model, torch.rand(3, 8, 8), maps)
+
+
+def test_faithfulness_on_a_one_pixel_wide_image():
+    """The blur that removes patches fits images 1 px wide (reflect padding needs k // 2 < side)."""
+    model = nn.Sequential(visattn.create_block("cbam", 3), nn.Flatten(), nn.LazyLinear(2)).eval()
+    image = torch.rand(3, 7, 1)
+    model(image[None])  # materialise the lazy layer
+    (s,) = E.faithfulness(model, image, steps=2, seeds=1).values()
+    assert len(s["deletion"]) == 3 and all(math.isfinite(v) for v in s["deletion"])
+
+
+def test_a_degenerate_box_on_the_image_edge_gets_a_crop(tmp_path):
+    """A zero-width box clipped onto the right edge (x0 == width; boxes from anchors in the batch
+    padding are clipped there) or the bottom edge gets a one-pixel-wide crop, and draws."""
+    det = _detector("fcos", attention="cbam")
+    image = torch.rand(3, 60, 80)
+    maps, _, geo = E._run(det, [image], upsample=True)
+    output = [{"boxes": torch.tensor([[80.0, 10.0, 80.0, 20.0], [10.0, 60.0, 30.0, 60.0]]),
+               "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([1, 2])}]
+    dets = E._explain(det, image, maps, output, geo, 5, 0.5, 0.0)
+    assert [d.crop_box for d in dets] == [(79, 5, 80, 25), (0, 59, 40, 60)]
+    assert all(c.numel() > 0 for d in dets for c in d.crops.values())
+    assert len(E.save_detection_crops(dets, tmp_path)) == 2
+
+
+def test_grid_of_a_very_thin_image(tmp_path):
+    """A 2000 x 3 image made a grid less than a pixel wide (PIL: "cannot write empty image"); its
+    panels are now letterboxed at least 48 px wide."""
+    model = nn.Sequential(visattn.create_block("cbam", 3)).eval()
+    image = torch.rand(3, 2000, 3)
+    maps = E.attention_maps(model, image[None], upsample=True)
+    with Image.open(E.save_grid(image, maps, tmp_path / "g.png")) as im:
+        assert im.size[0] >= 2 * 48

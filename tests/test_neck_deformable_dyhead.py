@@ -112,6 +112,19 @@ def test_bf16_autocast(name):
         assert (o - r).abs().mean() / r.abs().mean() < 0.05
 
 
+@pytest.mark.parametrize("name", NECKS)
+def test_bf16_model(name):
+    """A whole-bf16 neck (``model.bfloat16()``, Lightning's ``bf16-true``) runs: torchvision's
+    deform_conv2d has no bfloat16 CPU kernel, so DyHead convolves in float32 and returns bf16."""
+    feats = _feats(16, ((6, 5), (3, 3), (2, 2)))
+    module = _opened(NECKS[name](16, len(feats))).eval()
+    ref = module(feats)
+    out = module.bfloat16()([f.bfloat16() for f in feats])
+    for o, r in zip(out, ref):
+        assert o.dtype == torch.bfloat16 and torch.isfinite(o).all()
+        assert (o.float() - r).abs().mean() / r.abs().mean() < 0.05
+
+
 def test_dyhead_levels_not_halving():
     """A finer level that is not twice the next (odd crops, custom strides) is resized to fit."""
     feats = _feats(16, ((9, 7), (4, 4), (3, 1)))

@@ -104,6 +104,9 @@ class AttentionMap:
         key = key or self.primary
         if key not in self.maps:
             raise ValueError(f"{self.name}: no {key!r} map; has {', '.join(sorted(self.maps))}")
+        count = len(self.maps[key])
+        if check_int("image", image, 0) >= count:
+            raise ValueError(f"image must be an index < {count} (the maps' batch), got {image}")
         if self.image_maps is not None and key in self.image_maps[image]:
             return self.image_maps[image][key]
         return self.maps[key][image]
@@ -183,8 +186,9 @@ def _check_images(images: Any, detector: bool) -> tuple[Any, list[tuple[int, int
             raise TypeError("images must be a non-empty list of (3, H, W) float tensors for a detector, "
                             f"got {type(images).__name__}")
         for i, im in enumerate(images):
-            if not isinstance(im, torch.Tensor) or im.ndim != 3 or not im.is_floating_point() or im.numel() == 0:
-                what = f"a {im.ndim}-D {im.dtype} tensor" if isinstance(im, torch.Tensor) else type(im).__name__
+            if (not isinstance(im, torch.Tensor) or im.ndim != 3 or im.shape[0] != 3 or not im.is_floating_point()
+                    or im.numel() == 0):
+                what = f"a {tuple(im.shape)} {im.dtype} tensor" if isinstance(im, torch.Tensor) else type(im).__name__
                 raise TypeError(f"images[{i}] must be a (3, H, W) float tensor (values 0..1), got {what}")
         return list(images), [tuple(im.shape[-2:]) for im in images]
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
@@ -198,10 +202,11 @@ def _check_images(images: Any, detector: bool) -> tuple[Any, list[tuple[int, int
 def _check_query(query: Any) -> tuple[float, float] | None:
     if query is None:
         return None
-    if (not isinstance(query, (tuple, list)) or len(query) != 2 or not all(is_real(v) for v in query)
-            or not all(0.0 <= float(v) <= 1.0 for v in query)):
-        raise ValueError(f"query must be (y, x), fractions of the image's height and width in 0..1, "
-                         f"got {query!r}")
+    what = "query must be (y, x), fractions of the image's height and width in 0..1"
+    if not isinstance(query, (tuple, list)) or not all(is_real(v) for v in query):
+        raise TypeError(f"{what}, got {type(query).__name__} {query!r:.60}")
+    if len(query) != 2 or not all(0.0 <= float(v) <= 1.0 for v in query):
+        raise ValueError(f"{what}, got {query!r}")
     return float(query[0]), float(query[1])
 
 
@@ -215,16 +220,28 @@ def _energy(out: Any) -> torch.Tensor | None:
     return None
 
 
+def _cell_stride(total: int, cells: int) -> int | None:
+    """Input pixels per map cell along a side of ``total`` pixels with ``cells`` cells: the power of
+    two ``s`` with ``ceil(total / s) == cells`` (strided convolutions and poolings, on any input
+    size: 40 px at stride 32 give 2 cells, not cells of 20 px), else ``total // cells`` when it
+    divides (a patch embedding of stride 14), else ``None`` (no stride grid)."""
+    if 1 < cells < total:
+        s = 2 ** math.ceil(math.log2(total / cells))  # the smallest power of two >= total / cells
+        if (cells - 1) * s < total:
+            return s
+    return total // cells if total % cells == 0 else None
+
+
 def _upsample(m: torch.Tensor, geo: _Geometry) -> list[torch.Tensor]:
     """``(N, h, w)`` on the batch grid -> one ``(H_i, W_i)`` map per input image: expand each cell
-    to its ``stride x stride`` pixels, cut the image's own (resized) region out of the padded
-    batch, and resize that to the image's original size."""
+    to its ``stride x stride`` pixels (:func:`_cell_stride`), cut the image's own (resized) region
+    out of the padded batch, and resize that to the image's original size."""
     _, h, w = m.shape
     hb, wb = geo.batch
-    sy = hb // h if hb % h == 0 else _pow2(hb / h)
-    sx = wb // w if wb % w == 0 else _pow2(wb / w)
-    up = F.interpolate(m[:, None].float(), size=(h * sy, w * sx), mode="bilinear", align_corners=False)
-    if not (hb <= up.shape[-2] < hb + sy and wb <= up.shape[-1] < wb + sx):  # no stride grid: stretch
+    sy, sx = _cell_stride(hb, h), _cell_stride(wb, w)
+    if sy is not None and sx is not None:
+        up = F.interpolate(m[:, None].float(), size=(h * sy, w * sx), mode="bilinear", align_corners=False)
+    else:  # no stride grid: stretch
         up = F.interpolate(m[:, None].float(), size=(hb, wb), mode="bilinear", align_corners=False)
     out = []
     for i, ((ch, cw), (oh, ow)) in enumerate(zip(geo.content, geo.original, strict=True)):
@@ -309,7 +326,7 @@ def _run(model: nn.Module, images: Any, *, query: Any = None,
         if not grids:
             continue  # the block did not run in this forward pass
         size = tuple(grids[0].shape[-2:])
-        stride = (geo.batch[0] / size[0], geo.batch[1] / size[1])
+        stride = tuple(float(_cell_stride(b, c) or b / c) for b, c in zip(geo.batch, size, strict=True))
         reg_name, kind = kinds.get(type(block), (type(block).__name__, "unknown"))
         order = (("query",) if query is not None else ()) + MAP_KEYS
         primary = next(k for k in order if k in rec and rec[k].ndim == 3)
@@ -440,7 +457,8 @@ def _explain(detector: nn.Module, image: torch.Tensor, maps: dict[str, Attention
             at = [m for m in maps.values() if abs(math.log2(m.level_stride / stride)) == best]
         x0, y0, x1, y1 = box.tolist()
         mx, my = margin * (x1 - x0), margin * (y1 - y0)
-        cx0, cy0 = max(0, math.floor(x0 - mx)), max(0, math.floor(y0 - my))
+        # a degenerate box on the right / bottom edge (x0 == width) still gets a one-pixel crop
+        cx0, cy0 = min(max(0, math.floor(x0 - mx)), ow - 1), min(max(0, math.floor(y0 - my)), oh - 1)
         cx1, cy1 = min(ow, max(cx0 + 1, math.ceil(x1 + mx))), min(oh, max(cy0 + 1, math.ceil(y1 + my)))
         out.append(DetectionExplanation(
             box=(x0, y0, x1, y1), score=float(det["scores"][keep[i]]), label=int(det["labels"][keep[i]]),
@@ -519,6 +537,10 @@ def _scorer(model: nn.Module, image: torch.Tensor, top_k: int):
     with torch.no_grad():
         logits = model(image[None])
     logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        what = f"a {tuple(logits.shape)} tensor" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise TypeError(f"model: a classifier must return (N, classes) logits (or a tuple starting with "
+                        f"them) for the faithfulness test, got {what}")
     cls = int(logits[0].argmax())
     p0 = float(logits[0].float().softmax(-1)[cls])
 
@@ -606,6 +628,10 @@ def faithfulness(model: nn.Module, image: torch.Tensor, maps: dict[str, Attentio
         raise TypeError("maps must be the dict attention_maps returns")
     if any(m.image_maps is None for m in maps.values()):
         raise ValueError("maps: compute them with attention_maps(..., upsample=True) on this image")
+    wrong = next((n for n, m in maps.items() if tuple(m.map(0).shape) != tuple(image.shape[-2:])), None)
+    if wrong is not None:
+        raise ValueError(f"maps[{wrong!r}] is {tuple(maps[wrong].map(0).shape)} pixels, but image is "
+                         f"{tuple(image.shape[-2:])}: compute the maps on this image")
     training = {m: m.training for m in model.modules()}
     try:
         score, target = _scorer(model, image, top_k)
@@ -613,7 +639,7 @@ def faithfulness(model: nn.Module, image: torch.Tensor, maps: dict[str, Attentio
             return {}
         _, h, w = image.shape
         patch = max(1, -(-max(h, w) // patches))
-        k = max(3, (min(h, w) // 8) | 1)
+        k = min(max(3, (min(h, w) // 8) | 1), 2 * min(h, w) - 1)  # reflect padding needs k // 2 < h, w
         blurred = _blur(image, k)
         rand = []
         for seed in range(seeds):
@@ -770,7 +796,8 @@ def save_grid(image: torch.Tensor, maps: dict[str, AttentionMap], path: str | os
     cols = min(cols, n)
     rows = -(-n // cols)
     scale = panel / max(h, w)
-    pw, ph = w * scale / 100, h * scale / 100 + 0.32
+    short = min(48, panel)  # a very thin image is letterboxed in a panel at least this wide / high
+    pw, ph = max(w * scale, short) / 100, max(h * scale, short) / 100 + 0.32
     height = rows * ph + (0.3 if title else 0)
     fig = Figure(figsize=(cols * pw, height), dpi=100)
     if title:
@@ -813,7 +840,8 @@ def save_detection_crops(explanations: Sequence[DetectionExplanation], out_dir: 
         h, w = crop.shape[:2]
         n = len(d.crops) + 1
         scale = panel / max(h, w)
-        pw, ph = w * scale / 100, h * scale / 100 + 0.3
+        short = min(48, panel)  # a very thin crop is letterboxed
+        pw, ph = max(w * scale, short) / 100, max(h * scale, short) / 100 + 0.3
         fig = Figure(figsize=(n * pw, ph), dpi=100)
         for i in range(n):
             ax = fig.add_axes((i / n, 0, 1 / n, 1 - 0.3 / ph))

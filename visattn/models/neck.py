@@ -98,9 +98,11 @@ class _ModulatedDeformConv(nn.Module):
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         dtype = self.weight.dtype  # torchvision has no CPU autocast rule for it: cast here
-        y = deform_conv2d(x.to(dtype), offset.to(dtype), self.weight, stride=self.stride, padding=1,
-                          mask=mask.to(dtype))
-        return self.norm(y)
+        # nor a bfloat16 CPU kernel: a bf16 model convolves in float32 (on every device, to be safe)
+        compute = torch.float32 if dtype == torch.bfloat16 else dtype
+        y = deform_conv2d(x.to(compute), offset.to(compute), self.weight.to(compute), stride=self.stride,
+                          padding=1, mask=mask.to(compute))
+        return self.norm(y.to(dtype))
 
 
 class DyHeadBlock(nn.Module):
