@@ -6,7 +6,7 @@ and reports.
     >>> r = evaluate("instances_val.json", "predictions.json")
     >>> r["AP"], r["size"]["tiny"]["AP"], r["occlusion"]["heavy"]["AP"]
 """
-from .compare import MatchTables, compare
+from .compare import MatchTables, compare, compare_runs
 from .core import (
                    BACKENDS,
                    OCCLUSION_BUCKETS,
@@ -28,6 +28,7 @@ __all__ = [
                    "STANDARD_KEYS",
                    "MatchTables",
                    "compare",
+                   "compare_runs",
                    "error_breakdown",
                    "evaluate",
                    "format_markdown",

@@ -9,25 +9,32 @@ unit weights the numbers are bit-for-bit COCOeval's, at every IoU threshold (tes
 
 Inputs are checked and put in a canonical order first (as by :func:`visattn.evaluation.evaluate`),
 so results do not depend on the order of the predictions or of the ground truth's lists.
+
+:func:`compare_runs` extends this to a grid of trained models, several seeds each: every replicate
+resamples the images *and* the seeds (the same draw for every model, so each comparison with the
+reference is paired on both), and each model's metric is its mean over the drawn seeds.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .._checks import check_int, check_real
+from .._checks import check_bool, check_int, check_real
 from .core import (
     OCCLUSION_BUCKETS,
     SIZE_BINS,
+    _attach_rles,
     _check_iou_type,
     _coco,
     _evaluator,
+    _iou,
     _load_res,
+    _recall_kwargs,
     _with_area,
     occlusion_range,
     prepare,
 )
 
-__all__ = ["MatchTables", "compare"]
+__all__ = ["RUN_METRICS", "MatchTables", "compare", "compare_runs", "verdict"]
 
 
 class MatchTables:
@@ -63,10 +70,14 @@ class MatchTables:
                 order = np.argsort(-scores, kind="mergesort")
                 tp = np.logical_and(m[:, order] != 0, ~ig[:, order].astype(bool))
                 fp = np.logical_and(m[:, order] == 0, ~ig[:, order].astype(bool))
-                if scores.size == 0:
+                # a detection ignored at every IoU threshold (e.g. outside the area range) adds 0 to
+                # both running sums, so dropping it changes no number, to the last bit, and makes
+                # the per-bin tables much shorter
+                keep = tp.any(axis=0) | fp.any(axis=0)
+                if not keep.any():
                     row.append((None, None, None, npig))
                     continue
-                row.append((img[order], tp.astype(np.float64), fp.astype(np.float64), npig))
+                row.append((img[order][keep], tp[:, keep].astype(np.float64), fp[:, keep].astype(np.float64), npig))
             self.tables.append(row)
 
     def accumulate(self, a: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -209,3 +220,210 @@ def compare(gt, predictions_a, predictions_b, *, iou_type: str = "bbox", n_boot:
                                "low": low, "high": high,
                                "significant": bool(low is not None and (low > 0 or high < 0))}
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# A grid of runs: several models, several seeds each, resampled over images and seeds
+
+#: The metrics :func:`compare_runs` reports per run, named as :class:`visattn.lit.DetectionModule`
+#: logs them: COCO's AP, AP50 and APs (area < 32^2), AP per AI-TOD size bin (``AP_<bin>``), AP per
+#: occlusion bucket (``AP_occ_<bucket>``, when the ground truth has occlusion) and occluded recall.
+RUN_METRICS = ("AP", "AP50", "APs", *(f"AP_{b}" for b in SIZE_BINS), *(f"AP_occ_{b}" for b in OCCLUSION_BUCKETS),
+               "occluded_recall")
+_COCO_SMALL = (0.0, 32.0 ** 2)  # pycocotools' "small" area range (APs)
+
+
+def verdict(low: float | None, high: float | None) -> str:
+    """A plain reading of a ``[low, high]`` interval of a difference ``b - a``: ``"helps"`` when it
+    lies above 0, ``"hurts"`` when below, ``"no evidence"`` when it contains 0 (or is missing)."""
+    if low is None or high is None:
+        return "no evidence"
+    if low > 0:
+        return "helps"
+    if high < 0:
+        return "hurts"
+    return "no evidence"
+
+
+class _RunTables:
+    """Everything one prediction set needs to recompute :data:`RUN_METRICS` on a reweighted set of
+    images: COCO matches overall / per size bin / COCO small, per occlusion bucket, and the
+    per-image counts behind occluded recall."""
+
+    def __init__(self, gt_data: dict, preds: list[dict], iou_type: str, has_occ: bool, recall: dict) -> None:
+        rngs = {"all": (0.0, 1e10), **SIZE_BINS, "coco_small": _COCO_SMALL}
+        self.size = _tables(gt_data, preds, iou_type, rngs)
+        self.n_size = len(SIZE_BINS)
+        self.occ: dict[str, MatchTables] = {}
+        self.hits = self.totals = None
+        if has_occ:
+            occ = _with_area(gt_data, "occlusion")
+            for name in OCCLUSION_BUCKETS:
+                lo, hi = occlusion_range(name)
+                self.occ[name] = _tables(occ, preds, iou_type, {name: (lo, hi)}, bucket_mid=(lo + hi) / 2)
+            self.hits, self.totals = _occluded_hits(gt_data, preds, iou_type, self.size.img_index, **recall)
+
+    def metrics(self, weights: np.ndarray | None = None) -> dict[str, float]:
+        """:data:`RUN_METRICS` (those that apply) with image ``i`` counted ``weights[i]`` times; -1
+        where the reweighted set has no ground truth for a metric (as COCOeval)."""
+        overall = self.size.metrics(0, weights)
+        out = {"AP": overall["AP"], "AP50": overall["AP50"], "APs": self.size.metrics(self.n_size + 1, weights)["AP"]}
+        for a, name in enumerate(SIZE_BINS, start=1):
+            out[f"AP_{name}"] = self.size.metrics(a, weights)["AP"]
+        for name, tables in self.occ.items():
+            out[f"AP_occ_{name}"] = tables.metrics(0, weights)["AP"]
+        if self.hits is not None:
+            w = np.ones(len(self.hits)) if weights is None else weights
+            total = float(np.dot(w, self.totals))
+            out["occluded_recall"] = float(np.dot(w, self.hits)) / total if total > 0 else -1.0
+        return out
+
+
+def _occluded_hits(gt: dict, preds: list[dict], iou_type: str, img_index: dict, min_occlusion: float,
+                   score_thr: float, iou_thr: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per image (in ``img_index`` order): occluded objects found and occluded objects, with
+    :func:`~visattn.evaluation.occluded_recall`'s definition, so that ``sum(hits) / sum(totals)``
+    is its ``recall``."""
+    by_key: dict[tuple, list[dict]] = {}
+    for p in preds:
+        if p["score"] >= score_thr:
+            by_key.setdefault((p["image_id"], p["category_id"]), []).append(p)
+    occluded = [dict(a) for a in gt["annotations"]
+                if not a.get("iscrowd", 0) and a.get("occlusion", 0.0) > min_occlusion]
+    if iou_type == "segm":
+        _attach_rles({**gt, "annotations": occluded})  # copies: gt stays as it was
+    hits, totals = np.zeros(len(img_index)), np.zeros(len(img_index))
+    for a in occluded:
+        i = img_index[a["image_id"]]
+        totals[i] += 1
+        cands = by_key.get((a["image_id"], a["category_id"]), [])
+        if cands and _iou(cands, [a], iou_type).max() >= iou_thr:
+            hits[i] += 1
+    return hits, totals
+
+
+def _check_runs(runs, reference) -> tuple[list[str], list]:
+    """Model names (sorted) and the seeds every model shares (sorted), or an error naming the problem."""
+    if not isinstance(runs, dict) or not runs:
+        raise TypeError(f"runs must be a non-empty dict {{model name: {{seed: predictions}}}}, got "
+                        f"{type(runs).__name__} {runs!r:.60}")
+    if not isinstance(reference, str):
+        raise TypeError(f"reference must be a model name (str), got {type(reference).__name__} {reference!r:.60}")
+    if reference not in runs:
+        raise ValueError(f"reference {reference!r} is not among the runs' models: {', '.join(map(repr, runs))}")
+    seeds = None
+    for name, by_seed in runs.items():
+        if not isinstance(name, str):
+            raise TypeError(f"runs: model names must be str, got {type(name).__name__} {name!r:.60}")
+        if not isinstance(by_seed, dict) or not by_seed:
+            raise TypeError(f"runs[{name!r}] must be a non-empty dict {{seed: predictions}}, got "
+                            f"{type(by_seed).__name__} {by_seed!r:.60}")
+        for s in by_seed:
+            check_int(f"runs[{name!r}] seed", s, 0)
+        if seeds is None:
+            seeds = sorted(by_seed)
+        elif sorted(by_seed) != seeds:
+            raise ValueError(f"runs[{name!r}] has seeds {sorted(by_seed)} but runs[{next(iter(runs))!r}] has "
+                             f"{seeds}; every model needs the same seeds (the comparison is paired on seeds)")
+    return sorted(runs), seeds
+
+
+def compare_runs(gt, runs: dict, *, reference: str, iou_type: str = "bbox", n_boot: int = 1000, seed: int = 0,
+                 confidence: float = 0.95, resample_seeds: bool = True,
+                 occluded_recall_kwargs: dict | None = None) -> dict:
+    """Each model of a grid against ``reference``, with a bootstrap over images and seeds, paired.
+
+    Args:
+        gt: the ground truth every run was evaluated on (path, dict or ``COCO``; as :func:`evaluate`).
+        runs: ``{model name: {seed: predictions}}``; every model has the same seeds (ints >= 0) and
+            a prediction set (a list of COCO results or a JSON path) per seed.
+        reference: the model the others are compared with (e.g. ``"baseline"``).
+        n_boot / seed / confidence: replicates, their RNG seed, the interval's coverage.
+        resample_seeds: draw the seeds with replacement in each replicate too (the default); off,
+            every replicate uses every seed once and only the images are resampled.
+        occluded_recall_kwargs: as :func:`evaluate`'s.
+
+    Each replicate draws the images with replacement (each counted as often as drawn, as in
+    :func:`compare`) and the seeds with replacement, the same draws for every model: a model's value
+    is the mean of its metric over the drawn seeds on the drawn images, and its difference from the
+    reference is paired in both images and seeds. A metric is :data:`RUN_METRICS`'.
+
+    Returns a JSON-serialisable dict: ``values[model][seed][metric]`` (each run on all images, -1
+    where there is no ground truth), ``mean`` and ``std`` (sample standard deviation, 0 for one
+    seed) over seeds per model and metric, and ``diff[model][metric]`` for every model but the
+    reference: ``{"a", "b", "diff", "low", "high", "significant", "verdict"}`` with ``a``/``b`` the
+    seed means of reference and model, ``low``/``high`` the percentile interval (``None`` when no
+    replicate had ground truth for the metric) and ``verdict`` from :func:`verdict`.
+
+    Errors: ``TypeError`` / ``ValueError`` naming the argument (``runs`` of the wrong shape, unknown
+    ``reference``, different seeds per model, ``n_boot`` < 1, ``confidence`` outside (0, 1) ...);
+    predictions are checked as by :func:`evaluate`. Results do not depend on the order of the
+    models, seeds or predictions.
+
+    Example:
+        >>> r = compare_runs("gt.json", {"baseline": {0: "b0.json", 1: "b1.json"},
+        ...                              "cbam": {0: "c0.json", 1: "c1.json"}}, reference="baseline")
+        >>> r["diff"]["cbam"]["AP_tiny"]   # {'a': .., 'b': .., 'diff': .., 'low': .., 'high': .., ...}
+    """
+    _check_iou_type(iou_type)
+    _check_compare_args(n_boot, seed, confidence)
+    check_bool("resample_seeds", resample_seeds)
+    recall = _recall_kwargs(occluded_recall_kwargs)
+    names, seeds = _check_runs(runs, reference)
+    gt_data = None
+    tables: dict[str, dict[int, _RunTables]] = {}
+    for name in names:
+        tables[name] = {}
+        for s in seeds:
+            g, preds = prepare(gt if gt_data is None else gt_data, runs[name][s], iou_type)
+            gt_data = gt_data or g
+            has_occ = any("occlusion" in a for a in gt_data["annotations"])
+            tables[name][s] = _RunTables(gt_data, preds, iou_type, has_occ, recall)
+    first = tables[reference][seeds[0]]
+    n, n_seeds = first.size.n_images, len(seeds)
+    values = {name: {s: tables[name][s].metrics() for s in seeds} for name in names}
+    metrics = list(values[reference][seeds[0]])
+    rng = np.random.default_rng(seed)
+    alpha = (1 - confidence) / 2
+    others = [m for m in names if m != reference]
+    boots: dict[str, dict[str, list[float]]] = {m: {k: [] for k in metrics} for m in others}
+    for _ in range(n_boot):
+        w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)   # images, with replacement
+        c = (np.bincount(rng.integers(0, n_seeds, n_seeds), minlength=n_seeds) if resample_seeds
+             else np.ones(n_seeds, dtype=np.int64))                             # seeds, with replacement
+        drawn = [(s, int(k)) for s, k in zip(seeds, c, strict=True) if k > 0]
+        rep = {name: {s: tables[name][s].metrics(w) for s, _ in drawn} for name in names}
+        for key in metrics:
+            ref = [rep[reference][s][key] for s, _ in drawn]
+            if min(ref) < 0:
+                continue  # no ground truth for this metric in this replicate
+            ref_mean = sum(k * v for (_, k), v in zip(drawn, ref, strict=True)) / n_seeds
+            for m in others:
+                vals = [rep[m][s][key] for s, _ in drawn]
+                if min(vals) >= 0:
+                    boots[m][key].append(sum(k * v for (_, k), v in zip(drawn, vals, strict=True)) / n_seeds - ref_mean)
+    mean = {m: {k: _seed_mean([values[m][s][k] for s in seeds]) for k in metrics} for m in names}
+    std = {m: {k: _seed_std([values[m][s][k] for s in seeds]) for k in metrics} for m in names}
+    diff: dict = {}
+    for m in others:
+        diff[m] = {}
+        for k in metrics:
+            low, high = _interval(boots[m][k], alpha)
+            a, b = mean[reference][k], mean[m][k]
+            has = a is not None and b is not None
+            diff[m][k] = {"a": a, "b": b, "diff": b - a if has else None, "low": low, "high": high,
+                          "significant": bool(low is not None and (low > 0 or high < 0)), "verdict": verdict(low, high)}
+    return {"n_boot": n_boot, "seed": seed, "confidence": confidence, "resample_seeds": resample_seeds,
+            "num_images": n, "reference": reference, "models": names, "seeds": seeds, "metrics": metrics,
+            "values": {m: {str(s): values[m][s] for s in seeds} for m in names}, "mean": mean, "std": std,
+            "diff": diff}
+
+
+def _seed_mean(v: list[float]) -> float | None:
+    """Mean over seeds; ``None`` when a run has no ground truth for the metric (-1)."""
+    return None if min(v) < 0 else float(np.mean(v))
+
+
+def _seed_std(v: list[float]) -> float | None:
+    """Sample standard deviation over seeds (0 for one seed); ``None`` as :func:`_seed_mean`."""
+    return None if min(v) < 0 else float(np.std(v, ddof=1)) if len(v) > 1 else 0.0

@@ -1,0 +1,298 @@
+"""The attention study: compare_runs (bootstrap over images and seeds, verdicts), the runner's
+arguments, resume (finished runs kept, broken ones redone) and the results files; training stubbed.
+One real end-to-end grid (2 variants x 1 seed x 1 tiny epoch) is marked slow."""
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from visattn.data import generate_synthetic
+from visattn.evaluation import evaluate
+from visattn.evaluation.compare import RUN_METRICS, compare_runs, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_study():
+    spec = importlib.util.spec_from_file_location("attention_study", ROOT / "benchmarks" / "attention_study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+study = _load_study()
+
+
+@pytest.fixture(scope="module")
+def gt_path(tmp_path_factory):
+    root = generate_synthetic(tmp_path_factory.mktemp("s"), num_images=16, image_size=96, seed=3)
+    return root / "annotations" / "instances.json"
+
+
+@pytest.fixture(scope="module")
+def gt(gt_path):
+    return json.loads(gt_path.read_text())
+
+
+def _preds(gt: dict, seed: int, keep: float, shift: float) -> list[dict]:
+    """Predictions of a model that finds ``keep`` of the objects, boxes shifted by ``shift`` of their
+    width, random scores, plus a little clutter."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in gt["annotations"]:
+        if rng.random() < keep:
+            x, y, w, h = a["bbox"]
+            out.append({"image_id": a["image_id"], "category_id": a["category_id"], "score": float(rng.random()),
+                        "bbox": [x + shift * w * rng.uniform(-1, 1), y, w, h]})
+    for im in gt["images"]:
+        out.append({"image_id": im["id"], "category_id": gt["categories"][0]["id"], "score": 0.2,
+                    "bbox": [1.0, 1.0, 5.0, 5.0]})
+    return out
+
+
+def _weak(gt, seed):
+    return _preds(gt, seed, keep=0.45, shift=0.3)
+
+
+def _strong(gt, seed):
+    return _preds(gt, 100 + seed, keep=0.95, shift=0.02)
+
+
+# -- compare_runs ---------------------------------------------------------------------------------
+
+
+def test_verdict_words():
+    assert verdict(0.01, 0.2) == "helps" and verdict(-0.3, -0.01) == "hurts"
+    assert verdict(-0.1, 0.1) == verdict(0.0, 0.0) == verdict(None, None) == "no evidence"
+
+
+def test_compare_runs_known_answer_and_exact_point_values(gt):
+    runs = {"baseline": {0: _weak(gt, 0), 1: _weak(gt, 1)},
+            "copy": {0: copy.deepcopy(_weak(gt, 0)), 1: copy.deepcopy(_weak(gt, 1))},
+            "better": {0: _strong(gt, 0), 1: _strong(gt, 1)},
+            "worse": {0: [], 1: _preds(gt, 7, keep=0.1, shift=0.4)}}
+    r = compare_runs(gt, runs, reference="baseline", n_boot=30)
+    assert r["seeds"] == [0, 1] and r["models"] == sorted(runs) and tuple(r["metrics"]) == RUN_METRICS
+    # point values at unit weights are evaluate()'s numbers
+    ev = evaluate(gt, runs["better"][1], errors=False, per_class=False)
+    got = r["values"]["better"]["1"]
+    assert got["AP"] == pytest.approx(ev["AP"], abs=1e-12) and got["APs"] == pytest.approx(ev["APs"], abs=1e-12)
+    for name, v in ev["size"].items():
+        assert got[f"AP_{name}"] == pytest.approx(v["AP"], abs=1e-12)
+    for name, v in ev["occlusion"].items():
+        assert got[f"AP_occ_{name}"] == pytest.approx(v["AP"], abs=1e-12)
+    assert got["occluded_recall"] == pytest.approx(ev["occluded_recall"]["recall"], abs=1e-12)
+    # means and spreads over seeds
+    ap = [r["values"]["baseline"][s]["AP"] for s in ("0", "1")]
+    assert r["mean"]["baseline"]["AP"] == pytest.approx(np.mean(ap))
+    assert r["std"]["baseline"]["AP"] == pytest.approx(np.std(ap, ddof=1))
+    # identical predictions: no difference in any replicate
+    for m in ("AP", "AP50", "AP_tiny", "AP_occ_partial", "occluded_recall"):
+        c = r["diff"]["copy"][m]
+        assert c["diff"] == c["low"] == c["high"] == 0.0 and c["verdict"] == "no evidence"
+    assert r["diff"]["better"]["AP"]["verdict"] == "helps" and r["diff"]["better"]["AP"]["low"] > 0
+    assert r["diff"]["better"]["AP_occ_none"]["verdict"] == "helps"
+    assert r["diff"]["better"]["occluded_recall"]["verdict"] == "helps"
+    assert r["diff"]["worse"]["AP"]["verdict"] == "hurts" and r["diff"]["worse"]["AP"]["high"] < 0
+    assert "baseline" not in r["diff"]
+
+
+def test_compare_runs_resamples_seeds(gt):
+    # two seeds of very different quality: resampling seeds widens the interval
+    runs = {"baseline": {0: _weak(gt, 0), 1: _weak(gt, 0)}, "b": {0: _weak(gt, 0), 1: _strong(gt, 0)}}
+    with_seeds = compare_runs(gt, runs, reference="baseline", n_boot=30)["diff"]["b"]["AP"]
+    images_only = compare_runs(gt, runs, reference="baseline", n_boot=30, resample_seeds=False)["diff"]["b"]["AP"]
+    assert with_seeds["diff"] == images_only["diff"] > 0
+    assert with_seeds["low"] == pytest.approx(0.0, abs=1e-12)  # some replicates draw seed 0 twice
+    assert images_only["low"] > 0
+
+
+def test_compare_runs_order_independent(gt):
+    a, b = _weak(gt, 0), _strong(gt, 0)
+    r1 = compare_runs(gt, {"baseline": {0: a}, "x": {0: b}}, reference="baseline", n_boot=20)
+    shuffled = copy.deepcopy(gt)
+    shuffled["annotations"].reverse()
+    shuffled["images"].reverse()
+    r2 = compare_runs(shuffled, {"x": {0: b[::-1]}, "baseline": {0: a[::-1]}}, reference="baseline", n_boot=20)
+    assert r1 == r2
+
+
+@pytest.mark.parametrize("kwargs, exc, word", [
+    ({"runs": []}, TypeError, "runs"),
+    ({"runs": {"baseline": {}}}, TypeError, "runs['baseline']"),
+    ({"reference": "nope"}, ValueError, "reference"),
+    ({"reference": 3}, TypeError, "reference"),
+    ({"runs": {"baseline": {0: []}, "x": {1: []}}}, ValueError, "same seeds"),
+    ({"runs": {"baseline": {-1: []}}}, ValueError, "seed"),
+    ({"n_boot": 0}, ValueError, "n_boot"),
+    ({"confidence": 1.0}, ValueError, "confidence"),
+    ({"resample_seeds": 1}, TypeError, "resample_seeds"),
+])
+def test_compare_runs_bad_arguments(gt, kwargs, exc, word):
+    args = {"runs": {"baseline": {0: []}, "x": {0: []}}, "reference": "baseline", **kwargs}
+    with pytest.raises(exc, match=word.replace("[", r"\[").replace("]", r"\]")):
+        compare_runs(gt, args.pop("runs"), **args)
+
+
+# -- the runner -----------------------------------------------------------------------------------
+
+
+def test_variants_are_data_driven():
+    avail = study.available_variants()
+    assert next(iter(avail)) == "baseline"
+    assert {"se", "eca", "cbam", "coord", "gc", "window", "scale"} <= set(avail)
+    assert "no-such-neck" not in avail and not study._neck_available("no-such-neck")
+    assert set(study.NECK_CANDIDATES) & set(avail) == {n for n in study.NECK_CANDIDATES if study._neck_available(n)}
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["--variants", "baseline,nope"], "unknown variant 'nope'"),
+    (["--variants", "se,eca"], "must include 'baseline'"),
+    (["--variants", "baseline,se,se"], "twice"),
+    (["--variants", ","], "at least one"),
+    (["--seeds", "0"], "--seeds"),
+    (["--seeds", "two"], "--seeds"),
+    (["--parallel", "0"], "--parallel"),
+    (["--max-epochs", "1.5"], "--max-epochs"),
+    (["--image-size", "16"], "--image-size"),
+    (["--n-boot", "-3"], "--n-boot"),
+    (["--accelerator", "tpu"], "--accelerator"),
+    (["--config", "no/such.yaml"], "--config"),
+    (["--work-dir", " "], "--work-dir"),
+])
+def test_bad_arguments_name_the_option(argv, word):
+    with pytest.raises(ValueError, match=word):
+        study.parse_args(argv)
+
+
+def test_variant_order_and_overrides(tmp_path):
+    args = study.parse_args(["--variants", "cbam,baseline,scale", "--seeds", "2", "--max-epochs", "2",
+                             "--num-train", "10", "--num-val", "5", "--image-size", "64", "--warmup-steps", "3",
+                             "--work-dir", str(tmp_path)])
+    assert args.variants == ["baseline", "cbam", "scale"] and args.seeds == [0, 1]
+    base, root, runs = study.plan(args)
+    assert [(v, s) for v, s, _, _ in runs] == [(v, s) for s in (0, 1) for v in ("baseline", "cbam", "scale")]
+    model = study._model_args(base)
+    assert "attention" not in model and model["detector_kwargs"]["min_size"] == 64  # the config's eca is gone
+    assert base["trainer"]["check_val_every_n_epoch"] == 2 and base["data"]["init_args"]["num_train"] == 10
+    import yaml
+
+    cfg = {v: yaml.safe_load(t) for v, s, _, t in runs if s == 1}
+    assert study._model_args(cfg["cbam"])["attention"] == "cbam" and cfg["cbam"]["seed_everything"] == 1
+    assert study._model_args(cfg["scale"])["neck_attention"] == "scale"
+    assert "attention" not in study._model_args(cfg["baseline"])
+    # other settings go to another folder
+    other = study.plan(study.parse_args(["--variants", "baseline", "--max-epochs", "3", "--work-dir", str(tmp_path)]))
+    assert other[1] != root
+
+
+def _fake_launch(gt: dict, calls: list, fail: set = frozenset()):
+    """Stands in for training: writes what a run writes (better predictions for non-baselines)."""
+    def launch(run_dir: Path, threads: int):
+        variant, seed = run_dir.name.rsplit("-seed", 1)
+        calls.append(run_dir.name)
+        if run_dir.name in fail:
+            return 1, 0.0
+        preds = _weak(gt, int(seed)) if variant == "baseline" else _strong(gt, int(seed))
+        (run_dir / "predictions.json").write_text(json.dumps(preds))
+        (run_dir / "report").mkdir()
+        (run_dir / "report" / "report.json").write_text("{}")
+        sha = {n: hashlib.sha256((run_dir / n).read_bytes()).hexdigest()
+               for n in ("study-config.yaml", "predictions.json", "report/report.json")}
+        (run_dir / "result.json").write_text(json.dumps({"params": 1000 + len(variant), "train_images": 10,
+                                                         "train_seconds": 2.0, "train_images_per_s": 5.0,
+                                                         "wall_s": 3.0, "device": "cpu", "sha256": sha}))
+        return 0, 0.1
+    return launch
+
+
+def test_resume_keeps_finished_and_redoes_broken_runs(tmp_path, gt):
+    args = study.parse_args(["--variants", "baseline,se", "--seeds", "2", "--max-epochs", "1",
+                             "--work-dir", str(tmp_path / "w"), "--parallel", "2"])
+    _, _, runs = study.plan(args)
+    calls: list = []
+    done = study.run_grid(args, runs, launch=_fake_launch(gt, calls, fail={"se-seed1"}))
+    assert sorted(calls) == ["baseline-seed0", "baseline-seed1", "se-seed0", "se-seed1"]
+    assert set(done) == {("baseline", 0), ("baseline", 1), ("se", 0)}  # the failed run is not counted
+    calls.clear()
+    done = study.run_grid(args, runs, launch=_fake_launch(gt, calls))
+    assert calls == ["se-seed1"] and len(done) == 4  # only the failed one again
+    calls.clear()
+    assert study.run_grid(args, runs, launch=_fake_launch(gt, calls)) == done and calls == []
+    dirs = {d.name: d for _, _, d, _ in runs}
+    (dirs["baseline-seed1"] / "predictions.json").write_text("[]")       # edited / truncated output
+    (dirs["se-seed0"] / "result.json").unlink()                          # interrupted before the end
+    (dirs["baseline-seed0"] / "study-config.yaml").write_text("other: 1\n")  # another config
+    done = study.run_grid(args, runs, launch=_fake_launch(gt, calls))
+    assert sorted(calls) == ["baseline-seed0", "baseline-seed1", "se-seed0"] and len(done) == 4
+    # analyze-only never trains
+    calls.clear()
+    (dirs["se-seed0"] / "result.json").unlink()
+    args.analyze_only = True
+    assert len(study.run_grid(args, runs, launch=_fake_launch(gt, calls))) == 3 and calls == []
+
+
+def test_run_trained_by_another_live_invocation_is_left_alone(tmp_path, gt):
+    import subprocess
+    import sys
+
+    args = study.parse_args(["--variants", "baseline", "--seeds", "2", "--max-epochs", "1",
+                             "--work-dir", str(tmp_path / "w")])
+    _, _, runs = study.plan(args)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for (_, _, run_dir, _), pid in zip(runs, (os.getppid(), dead.pid), strict=True):
+        run_dir.mkdir(parents=True)
+        (run_dir / "owner.pid").write_text(str(pid))
+        (run_dir / "partial").write_text("x")
+    calls: list = []
+    done = study.run_grid(args, runs, launch=_fake_launch(gt, calls))
+    assert calls == ["baseline-seed1"] and set(done) == {("baseline", 1)}  # the live owner's run is untouched
+    assert (runs[0][2] / "partial").exists() and not (runs[1][2] / "partial").exists()
+
+
+def test_results_files(tmp_path, gt, gt_path):
+    args = study.parse_args(["--variants", "baseline,se", "--seeds", "2", "--max-epochs", "1",
+                             "--work-dir", str(tmp_path / "w"), "--out-dir", str(tmp_path / "out"), "--n-boot", "20"])
+    base, _, runs = study.plan(args)
+    done = study.run_grid(args, runs, launch=_fake_launch(gt, []))
+    md = study.write_results(args, base, str(gt_path), runs, done, 60.0, ["--variants", "baseline,se"])
+    text = md.read_text()
+    assert md.name == "attention-study-cpu.md" and "Reduced CPU-scale grid, not the answer" in text
+    assert "| se |" in text and "**helps**" in text and "study_gpu.sh" in text and "train.py fit --config" in text
+    assert "study-config.yaml" in text
+    data = json.loads(md.with_suffix(".json").read_text())
+    assert list(data["variants"]) == ["baseline", "se"] and set(data["comparison"]) == {"se"}
+    assert data["comparison"]["se"]["AP"]["verdict"] == "helps"
+    assert data["variants"]["se"]["params"] == 1002 and data["variants"]["se"]["train_images_per_s"] == 5.0
+    assert md.with_suffix(".png").stat().st_size > 1000
+    # a baseline that never finished: no table, an error that says what to do
+    (runs[0][2] / "result.json").unlink()
+    args.analyze_only = True
+    done = study.run_grid(args, runs)
+    with pytest.raises(RuntimeError, match="rerun"):
+        study.write_results(args, base, str(gt_path), runs, done, 1.0, [])
+
+
+@pytest.mark.slow
+def test_real_tiny_grid_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISATTN_CACHE", str(tmp_path / "cache"))
+    argv = ["--variants", "baseline,se", "--seeds", "1", "--max-epochs", "1", "--num-train", "8", "--num-val", "4",
+            "--image-size", "64", "--batch-size", "4", "--warmup-steps", "1", "--work-dir", str(tmp_path / "w"),
+            "--out-dir", str(tmp_path / "out"), "--n-boot", "20", "--threads", "1"]
+    assert study.main(argv) == 0
+    data = json.loads((tmp_path / "out" / "attention-study-cpu.json").read_text())
+    assert set(data["variants"]) == {"baseline", "se"}
+    assert data["variants"]["se"]["params"] > data["variants"]["baseline"]["params"]
+    assert data["variants"]["baseline"]["train_images_per_s"] > 0
+    run = Path(data["variants"]["se"]["runs"]["0"])
+    assert (run / "report" / "report.json").is_file() and isinstance(json.loads((run / "predictions.json").read_text()),
+                                                                     list)
+    mtime = (run / "result.json").stat().st_mtime
+    assert study.main(argv) == 0  # resumed: nothing retrained
+    assert (run / "result.json").stat().st_mtime == mtime
