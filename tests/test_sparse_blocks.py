@@ -264,6 +264,28 @@ def test_entmax_is_sparsemax_at_two_and_tends_to_softmax():
     torch.testing.assert_close(entmax_bisect(z32, 1.5), naive_entmax(z, 1.5).float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_entmax_newton_threshold_on_hard_rows(dtype):
+    """The Newton threshold against plain bisection where it needs the most steps (near-sparsemax
+    alpha, many keys, scores of small spread or two clusters: the support shrinks over the steps),
+    eager (stopping when converged) and with the fixed step count used under torch.compile."""
+    g = torch.Generator().manual_seed(0)
+    n = 4096
+    z = torch.cat([0.2 * torch.randn(2, n, generator=g, dtype=torch.float64),
+                   torch.where(torch.rand(2, n, generator=g) < 0.5, 2.0, 0.0).double()
+                   + 0.1 * torch.randn(2, n, generator=g, dtype=torch.float64),
+                   torch.linspace(0, 5, n, dtype=torch.float64).expand(1, n),
+                   torch.full((1, n), 3.0, dtype=torch.float64)])
+    alpha = torch.tensor([1.01, 1.5, 1.97, 2.0, 1.9, 1.3], dtype=torch.float64).view(-1, 1)
+    ref = naive_entmax(z, alpha)
+    steps = adaptive_mod._COMPILED_STEPS[dtype == torch.float64]
+    for p in (entmax_bisect(z.to(dtype), alpha.to(dtype)),
+              adaptive_mod._threshold(z.to(dtype), alpha.to(dtype), steps)[2]):
+        p = p / p.sum(-1, keepdim=True)
+        torch.testing.assert_close(p.double(), ref, rtol=0, atol=1e-6)
+        assert ((p > 0) == (ref > 0)).float().mean() > 0.999  # same support but for rounding
+
+
 def test_entmax_gradients_in_scores_and_alpha():
     z = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     alpha = torch.tensor([[1.3], [1.5], [1.7], [2.0]], dtype=torch.float64, requires_grad=True)
