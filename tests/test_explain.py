@@ -537,3 +537,118 @@ def test_grid_of_a_very_thin_image(tmp_path):
     maps = E.attention_maps(model, image[None], upsample=True)
     with Image.open(E.save_grid(image, maps, tmp_path / "g.png")) as im:
         assert im.size[0] >= 2 * 48
+
+
+# --------------------------------------------------------------------------------------------------
+# Neck attention across the pyramid levels (scale-aware, DyHead, Deformable DETR's encoder)
+
+
+def _level_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from visattn.models.neck import LevelAttention
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LevelAttention)]
+
+
+def _capturing(model: nn.Module, query=None) -> dict:
+    from visattn.models.neck import LevelCaptures
+
+    caps = {}
+    for name, m in _level_modules(model):
+        caps[name] = m._capture = LevelCaptures(query=query)
+    return caps
+
+
+@pytest.mark.parametrize("neck", ["scale", "dyhead", "deformable"])
+def test_neck_capture_changes_no_output(neck):
+    """Recording changes no bit of what a neck attention computes (trained-like random weights)."""
+    from visattn.models.neck import ACROSS_LEVELS
+
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(2, 16, h, w, generator=g) for h, w in ((9, 7), (5, 4), (3, 2))]
+    options = {"dyhead": {"blocks": 2}, "deformable": {"heads": 2, "points": 2, "blocks": 2}}.get(neck, {})
+    module = randomize_(ACROSS_LEVELS[neck](16, len(feats), **options)).eval()
+    ref = module(feats)
+    caps = _capturing(module, query=(0.5, 0.5))
+    out = module(feats)
+    assert caps and all(len(c.levels) == len(feats) for c in caps.values())
+    assert all(torch.equal(o, r) for o, r in zip(out, ref))
+
+
+@pytest.mark.parametrize("neck", ["dyhead", "deformable"])
+def test_neck_attention_maps_land_on_each_original_image(neck):
+    """A detector with DyHead / Deformable DETR's encoder as its neck gives one finite map per
+    (module, level), with the keys of its kind, in each original image's pixels, for two images of
+    different sizes; the detections are those of the model run without capture; nothing is left."""
+    det = _detector("fcos", neck_attention=neck)
+    randomize_(det.backbone.attention)
+    with torch.no_grad():
+        ref = det(IMAGES)
+    maps, output, _ = E._run(det, IMAGES, upsample=True)
+    for r, o in zip(ref, output):
+        assert all(torch.equal(r[k], o[k]) for k in r)
+    modules = _level_modules(det)
+    assert modules and all(n.startswith("backbone.attention.0.") for n, _ in modules)
+    expected = {f"{n}.level{i}" for n, _ in modules for i in range(det.backbone.num_levels)}
+    assert set(maps) == expected
+    strides = set()
+    for m in maps.values():
+        assert m.block == neck and m.level is not None
+        if neck == "dyhead":
+            assert m.kind == "hybrid" and m.primary == "spatial" and m.channel.shape == (2, 64)
+            assert {"scale", "energy"} <= set(m.maps) | set(m.weights) and torch.isfinite(m.weights["scale"]).all()
+        else:
+            assert m.kind == "self" and m.primary == "received" and "received" in m.maps
+            assert (m.maps["received"] >= 0).all()
+        for key, t in m.maps.items():
+            assert t.shape[0] == 2 and torch.isfinite(t).all(), (m.name, key)
+        for i, im in enumerate(IMAGES):
+            up = m.map(i)
+            assert tuple(up.shape) == tuple(im.shape[-2:]) and torch.isfinite(up).all()
+        strides.add(m.level_stride)
+    assert {8, 16, 32, 64} <= strides
+    _no_traces(det)
+    assert all(m._capture is None for _, m in modules)
+
+
+def test_deformable_neck_maps_are_distributions_over_the_levels():
+    """With every sampling point on its reference (zero offsets) and levels of one size (so every
+    reference is a pixel centre of every level), no weight falls off the maps: what all levels
+    receive sums to 1 per image, and so does what the query point's queries pay, all of it at the
+    point itself. (On a coarser level the references of a finer one's border pixels lie outside the
+    pixel centres, and bilinear sampling reads part of the zero padding: that weight is lost.)"""
+    from visattn.models.neck import DeformableEncoder
+
+    g = torch.Generator().manual_seed(2)
+    feats = [torch.randn(2, 16, 8, 8, generator=g) for _ in range(3)]
+    module = randomize_(DeformableEncoder(16, 3, heads=2, points=2)).eval()
+    with torch.no_grad():
+        module.layers[0].attn.sampling_offsets.weight.zero_()
+        module.layers[0].attn.sampling_offsets.bias.zero_()
+    (cap,) = _capturing(module, query=(0.3, 0.7)).values()
+    module(feats)
+    received = sum(c.maps["received"].sum((1, 2)) for c in cap.levels.values())
+    paid = sum(c.maps["query"].sum((1, 2)) for c in cap.levels.values())
+    torch.testing.assert_close(received, torch.ones(2))
+    torch.testing.assert_close(paid, torch.ones(2))
+    for c in cap.levels.values():  # the point (0.3, 0.7) is cell (2, 5) of every level
+        q = c.maps["query"].flatten(1)
+        torch.testing.assert_close(q[:, 2 * 8 + 5], q.sum(1))
+
+
+class _NeckThenBoom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from visattn.models.neck import ScaleAwareAttention
+
+        self.neck = ScaleAwareAttention(3, 1)
+
+    def forward(self, x):
+        self.neck([x])
+        raise RuntimeError("boom")
+
+
+def test_neck_capture_is_removed_when_the_forward_raises():
+    model = _NeckThenBoom()
+    with pytest.raises(RuntimeError, match="boom"):
+        E.attention_maps(model, torch.rand(1, 3, 8, 8))
+    assert model.neck._capture is None and not model.neck._forward_hooks

@@ -7,7 +7,9 @@ guessing it from gradients (Grad-CAM) or from softmax nodes of a ViT (timm's ``A
 * :func:`attention_maps` runs a model once with every :class:`~visattn.layers.AttentionBlock`
   inside it recording its attention (wherever it sits: a ``plug``-ged backbone, a timm
   ``attn_layer``, an FPN neck behind a :class:`~visattn.plug.Blend`, a model of your own) and
-  returns one :class:`AttentionMap` per block, keyed by dotted module name, optionally in each
+  returns one :class:`AttentionMap` per block, keyed by dotted module name (a neck attention
+  across the pyramid levels, :class:`~visattn.models.neck.LevelAttention`: one per level, keyed
+  ``"<module name>.level<i>"``), optionally in each
   input image's own pixels (undoing a torchvision detector's resize and batch padding);
 * :func:`explain_detections` crops, for each kept box, the maps of the pyramid level that
   produced it (the level the head assigns a box of that size to);
@@ -72,9 +74,11 @@ class AttentionMap:
     """The attention one block applied during one forward pass.
 
     Attributes:
-        name: dotted module name of the block in the model.
+        name: dotted module name of the block in the model (``"<module name>.level<i>"`` for
+            level ``i`` of a neck attention across the pyramid levels).
         block: its registered name (``"cbam"``) or, if unregistered, its class name.
-        kind: ``"channel"``, ``"spatial"``, ``"hybrid"``, ``"self"``, ``"cross"`` or ``"unknown"``.
+        kind: ``"channel"``, ``"spatial"``, ``"hybrid"``, ``"self"``, ``"cross"``, ``"scale"`` (a
+            scalar weight per pyramid level) or ``"unknown"``.
         maps: key -> ``(N, h, w)`` float32 CPU tensor on the block's own grid: ``"spatial"``,
             ``"received"``, ``"query"`` as the block recorded them (:mod:`visattn.layers._capture`)
             and ``"energy"``, the RMS over channels of the block's output (the gated features).
@@ -86,6 +90,10 @@ class AttentionMap:
         image_maps: with ``upsample=True``, one dict per input image: key -> ``(H_i, W_i)`` map in
             that image's own pixels.
         primary: the key shown by default.
+        level: for a neck attention across the pyramid levels, the index of the level this map
+            belongs to (``None`` for a block).
+        weights: name -> ``(N,)`` scalar weights the module applied to this level as a whole (its
+            scale-aware attention, :class:`~visattn.models.neck.LevelCapture`); empty for a block.
     """
 
     name: str
@@ -97,6 +105,8 @@ class AttentionMap:
     stride: tuple[float, float]
     image_maps: list[dict[str, torch.Tensor]] | None = None
     primary: str = "energy"
+    level: int | None = None
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def map(self, image: int = 0, key: str | None = None) -> torch.Tensor:
         """The ``key`` map (default :attr:`primary`) of input ``image``: in the image's pixels when
@@ -158,6 +168,14 @@ def find_blocks(model: nn.Module) -> list[tuple[str, AttentionBlock]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AttentionBlock)]
+
+
+def _find_level_attentions(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every neck attention across pyramid levels (:class:`~visattn.models.neck.LevelAttention`)
+    inside ``model`` as ``(dotted name, module)``, in module order."""
+    from .models.neck import LevelAttention
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LevelAttention)]
 
 
 def _is_detector(model: nn.Module) -> bool:
@@ -256,6 +274,8 @@ def _run(model: nn.Module, images: Any, *, query: Any = None,
          upsample: bool = True) -> tuple[dict[str, AttentionMap], Any, _Geometry]:
     """Run ``model`` once with every block recording; return the maps, the model's output and the
     geometry. Everything set on the model is removed again, also when the forward pass raises."""
+    from .models.neck import LevelCaptures
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(upsample, bool):
@@ -264,10 +284,11 @@ def _run(model: nn.Module, images: Any, *, query: Any = None,
     detector = _is_detector(model)
     images, original = _check_images(images, detector)
     blocks = find_blocks(model)
+    across = _find_level_attentions(model)
     kinds = _registry_names()
     geo = _Geometry(original=original)
     energies: dict[str, torch.Tensor] = {}
-    captures: dict[str, Capture] = {}
+    captures: dict[str, Capture | LevelCaptures] = {}
     handles = []
 
     def keep_energy(name: str):
@@ -275,6 +296,15 @@ def _run(model: nn.Module, images: Any, *, query: Any = None,
             e = _energy(out)
             if e is not None and name not in energies:  # a block run twice: its first call, as Capture
                 energies[name] = e.cpu()
+        return hook
+
+    def keep_level_energies(name: str):
+        def hook(module, args, out):
+            if isinstance(out, (list, tuple)):  # one map per level
+                for i, o in enumerate(out):
+                    e = _energy(o)
+                    if e is not None and f"{name}.level{i}" not in energies:
+                        energies[f"{name}.level{i}"] = e.cpu()
         return hook
 
     def on_transform(module, args, out):
@@ -299,6 +329,9 @@ def _run(model: nn.Module, images: Any, *, query: Any = None,
         for name, block in blocks:
             captures[name] = block._capture = Capture(query=None if detector else query)
             handles.append(block.register_forward_hook(keep_energy(name)))
+        for name, module in across:
+            captures[name] = module._capture = LevelCaptures(query=None if detector else query)
+            handles.append(module.register_forward_hook(keep_level_energies(name)))
         if detector:
             handles.append(model.transform.register_forward_hook(on_transform))
             if isinstance(getattr(model, "backbone", None), nn.Module):
@@ -311,14 +344,23 @@ def _run(model: nn.Module, images: Any, *, query: Any = None,
     finally:
         for h in handles:
             h.remove()
-        for _, block in blocks:
+        for _, block in (*blocks, *across):
             block._capture = None
         for m, mode in training.items():
             m.train(mode)
 
+    # (entry name, registered name, kind, level, capture) in module order
+    entries: list[tuple[str, str, str, int | None, Capture]] = []
+    for name, module in model.named_modules():
+        capture = captures.get(name)
+        if isinstance(capture, LevelCaptures):
+            entries += [(f"{name}.level{i}", module.attention_name, module.attention_kind, i, capture.levels[i])
+                        for i in sorted(capture.levels)]
+        elif capture is not None:
+            entries.append((name, *kinds.get(type(module), (type(module).__name__, "unknown")), None, capture))
     maps: dict[str, AttentionMap] = {}
-    for name, block in blocks:
-        rec = {k: v.cpu() for k, v in captures[name].maps.items()}
+    for name, reg_name, kind, level, capture in entries:
+        rec = {k: v.cpu() for k, v in capture.maps.items()}
         if name in energies:
             rec["energy"] = energies[name]
         channel = rec.pop("channel", None)
@@ -327,11 +369,11 @@ def _run(model: nn.Module, images: Any, *, query: Any = None,
             continue  # the block did not run in this forward pass
         size = tuple(grids[0].shape[-2:])
         stride = tuple(float(_cell_stride(b, c) or b / c) for b, c in zip(geo.batch, size, strict=True))
-        reg_name, kind = kinds.get(type(block), (type(block).__name__, "unknown"))
         order = (("query",) if query is not None else ()) + MAP_KEYS
         primary = next(k for k in order if k in rec and rec[k].ndim == 3)
         amap = AttentionMap(name=name, block=reg_name, kind=kind, maps=rec, channel=channel, size=size,
-                            stride=stride, primary=primary)
+                            stride=stride, primary=primary, level=level,
+                            weights={k: v.cpu() for k, v in getattr(capture, "weights", {}).items()})
         if upsample:
             per_key = {k: _upsample(v, geo) for k, v in rec.items() if v.ndim == 3}
             amap.image_maps = [{k: per_key[k][i] for k in per_key} for i in range(len(original))]
@@ -359,7 +401,9 @@ def attention_maps(model: nn.Module, images: torch.Tensor | Sequence[torch.Tenso
             the batch padding.
 
     Returns:
-        dotted module name -> :class:`AttentionMap`, one per block that ran.
+        dotted module name -> :class:`AttentionMap`, one per block that ran, and one per level for
+        each neck attention across the levels (:class:`~visattn.models.neck.LevelAttention`:
+        scale-aware weights, DyHead, Deformable DETR's encoder), keyed ``"<module name>.level<i>"``.
 
     Every block's recording and every hook is removed when this returns, also if the forward pass
     raises. Capturing does not change what the model computes (self-attention on the fused path
@@ -817,7 +861,8 @@ def save_grid(image: torch.Tensor, maps: dict[str, AttentionMap], path: str | os
             k = key if key and key in m.maps and m.maps[key].ndim == 3 else m.primary
             ax.imshow(_fit(m.map(0, k), (h, w)).numpy(), cmap="jet", alpha=0.5)
             short = m.name if len(m.name) <= 34 else "..." + m.name[-31:]
-            ax.set_title(f"{short}\n{m.block} ({m.kind}) {k}, stride {m.level_stride}", fontsize=5.5, pad=2)
+            scale = f", scale {m.weights['scale'][0]:.2f}" if "scale" in m.weights else ""
+            ax.set_title(f"{short}\n{m.block} ({m.kind}) {k}, stride {m.level_stride}{scale}", fontsize=5.5, pad=2)
         _draw_boxes(ax, detections, label_names)
     return _save(fig, path, 100)
 
@@ -897,6 +942,7 @@ def explain_image(model: nn.Module, image: torch.Tensor, out_dir: str | os.PathL
         "note": note,
         "image_size": list(image.shape[-2:]),
         "blocks": {n: {"block": m.block, "kind": m.kind, "map": m.primary, "stride": m.level_stride,
+                       **({"weights": {k: round(float(v[0]), 4) for k, v in m.weights.items()}} if m.weights else {}),
                        "size": list(m.size)} for n, m in maps.items()},
         "detections": [{"box": [round(v, 1) for v in d.box], "score": round(d.score, 4), "label": d.label,
                         "level": d.level, "stride": d.stride, "blocks": list(d.crops)} for d in dets],

@@ -12,12 +12,20 @@ output exactly):
 * ``"deformable"``, :class:`DeformableEncoder`: the encoder of Deformable DETR, every position of
   every level a query sampling all levels. Zhu, Su, Lu, Li, Wang, Dai. "Deformable DETR: Deformable
   Transformers for End-to-End Object Detection", ICLR 2021. https://arxiv.org/abs/2010.04159
+
+For :mod:`visattn.explain`, the modules that apply attention across the levels
+(:class:`ScaleAwareAttention`, :class:`DyHeadBlock`, the encoder layers of
+:class:`DeformableEncoder`) are :class:`LevelAttention` modules: while ``_capture`` holds a
+:class:`LevelCaptures` they record, per pyramid level, the attention they applied to it, under the
+keys of :mod:`visattn.layers._capture`; with ``_capture`` at ``None`` (always, outside
+:func:`visattn.explain.attention_maps`) they record and compute nothing extra.
 """
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,19 +34,82 @@ from torchvision.ops import FeaturePyramidNetwork, deform_conv2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 from .._checks import check_int
-from ..layers.deformable import MultiScaleDeformableAttention, reference_points
+from ..layers._capture import Capture
+from ..layers.deformable import MultiScaleDeformableAttention, reference_points, splat
 from ..plug import Blend
 from ..registry import create_block
 
-__all__ = ["ACROSS_LEVELS", "DeformableEncoder", "DynamicHead", "FPNNeck", "ScaleAwareAttention"]
+__all__ = ["ACROSS_LEVELS", "DeformableEncoder", "DynamicHead", "FPNNeck", "LevelAttention", "LevelCapture",
+           "LevelCaptures", "ScaleAwareAttention"]
 
 
-class ScaleAwareAttention(nn.Module):
+# --------------------------------------------------------------------------------------------------
+# Recording attention per pyramid level, for visattn.explain
+
+
+@dataclass
+class LevelCapture(Capture):
+    """What a :class:`LevelAttention` module recorded for one pyramid level: the standard keys of
+    :class:`~visattn.layers._capture.Capture` on that level's map, and ``weights``: scalar weights
+    ``(N,)`` the module applied to the level as a whole (scale-aware attention), by name."""
+
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add_weight(self, name: str, value: torch.Tensor) -> None:
+        """Store the ``(N,)`` weight ``name`` (detached, float32); a second recording of the same
+        name multiplies (two weights applied one after the other)."""
+        value = value.detach().float().reshape(len(value))
+        old = self.weights.get(name)
+        self.weights[name] = value if old is None else old * value
+
+
+@dataclass
+class LevelCaptures:
+    """One :class:`LevelCapture` per pyramid level, made when a level first records.
+
+    Attributes:
+        query: the query point as for :attr:`Capture.query`, given to every level's capture.
+        levels: level index -> its capture.
+    """
+
+    query: tuple[float, float] | None = None
+    levels: dict[int, LevelCapture] = field(default_factory=dict)
+
+    def level(self, index: int) -> LevelCapture:
+        """The capture of level ``index`` (made on first use)."""
+        if index not in self.levels:
+            self.levels[index] = LevelCapture(query=self.query)
+        return self.levels[index]
+
+
+class LevelAttention(nn.Module):
+    """Base of the modules that apply attention across pyramid levels (over the features of all
+    levels at once). :mod:`visattn.explain` finds them as it finds
+    :class:`~visattn.layers.AttentionBlock` modules and reports one map per (module, level).
+
+    Attributes:
+        attention_name: the ``neck_attention`` name the module belongs to.
+        attention_kind: the kind of its maps (as :attr:`visattn.explain.AttentionMap.kind`).
+    """
+
+    attention_name: str = "unknown"
+    attention_kind: str = "unknown"
+    #: Set by :mod:`visattn.explain` while it records; ``None`` (no recording, no extra work) otherwise.
+    _capture: LevelCaptures | None = None
+
+
+class ScaleAwareAttention(LevelAttention):
     """Re-weight ``L`` pyramid levels of ``channels`` channels by ``2 * hard_sigmoid(fc(pooled))``.
 
     The ``fc`` is zero-initialised, so every weight starts at exactly 1 (identity) and the layer
     still receives a gradient from the first step.
+
+    Recorded for :mod:`visattn.explain` (only while capturing): per level, its weight ``(N,)`` as
+    ``"scale"`` (:attr:`LevelCapture.weights`); a scalar has no map, so the level is shown as its
+    feature energy after re-weighting.
     """
+
+    attention_name, attention_kind = "scale", "scale"
 
     def __init__(self, channels: int, num_levels: int) -> None:
         super().__init__()
@@ -52,6 +123,9 @@ class ScaleAwareAttention(nn.Module):
             raise ValueError(f"ScaleAwareAttention was built for {self.num_levels} levels, got {len(feats)}")
         pooled = torch.cat([f.mean(dim=(2, 3)) for f in feats], dim=1)  # (N, L*C)
         weights = 2.0 * F.hardsigmoid(self.fc(pooled))                  # (N, L)
+        if self._capture is not None:
+            for i in range(len(feats)):
+                self._capture.level(i).add_weight("scale", weights[:, i])
         return [f * weights[:, i, None, None, None].to(f.dtype) for i, f in enumerate(feats)]
 
 
@@ -68,7 +142,10 @@ class DyReLU(nn.Module):
     """Task-aware attention of DyHead (dynamic ReLU, Chen et al. ECCV 2020, variant B): per sample and
     channel ``max(a1 x + b1, a2 x + b2)``, the four coefficients computed from the pooled features
     by ``Linear -> ReLU -> Linear -> hard sigmoid``, centred so that an output of 1/2 gives
-    ``a1 = 1, b1 = 0, a2 = 0, b2 = 0``, a plain ReLU (the authors' ``lambda_a = 1``, init ``[1, 0]``)."""
+    ``a1 = 1, b1 = 0, a2 = 0, b2 = 0``, a plain ReLU (the authors' ``lambda_a = 1``, init ``[1, 0]``).
+
+    Given a ``capture``, records as ``"channel"`` ``(N, C)`` each channel's gain on large positive
+    inputs, ``max(a1, a2)`` (1 for the plain ReLU)."""
 
     def __init__(self, channels: int, reduction: int = 4) -> None:
         super().__init__()
@@ -76,9 +153,11 @@ class DyReLU(nn.Module):
         self.fc1 = nn.Linear(channels, hidden)
         self.fc2 = nn.Linear(hidden, 4 * channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, capture: Capture | None = None) -> torch.Tensor:
         theta = F.hardsigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3)))))) - 0.5  # (N, 4C)
         a1, b1, a2, b2 = theta[:, :, None, None].chunk(4, 1)  # each (N, C, 1, 1)
+        if capture is not None:
+            capture.add("channel", torch.maximum(2 * a1 + 1, 2 * a2).flatten(1))  # (N, C)
         return torch.maximum(x * (2 * a1 + 1) + b1, x * (2 * a2) + b2)
 
 
@@ -105,7 +184,7 @@ class _ModulatedDeformConv(nn.Module):
         return self.norm(y.to(dtype))
 
 
-class DyHeadBlock(nn.Module):
+class DyHeadBlock(LevelAttention):
     """One DyHead block over ``L`` levels: for level ``l``, the offsets and modulation of a 3x3
     deformable convolution are predicted from level ``l`` (spatial-aware attention); the same
     offsets sample level ``l`` (stride 1), level ``l - 1`` (stride 2) and level ``l + 1`` (resized to
@@ -116,7 +195,15 @@ class DyHeadBlock(nn.Module):
     weights. The authors' code convolves level ``l + 1`` and then upsamples, with offsets of level
     ``l``'s size (their CUDA op reads them at the smaller size); here level ``l + 1`` is resized first,
     so every offset belongs to the position it moves.
+
+    Recorded for :mod:`visattn.explain` (only while capturing), per output level: ``"spatial"``,
+    the deformable convolutions' modulation mask averaged over the 9 kernel points (spatial-aware
+    attention); ``"channel"``, DyReLU's per-channel gain (:class:`DyReLU`, task-aware attention);
+    and the scale-aware weights ``(N,)`` of the terms from the same, the finer and the coarser level
+    as ``"scale"``, ``"scale_finer"``, ``"scale_coarser"`` (:attr:`LevelCapture.weights`).
     """
+
+    attention_name, attention_kind = "dyhead", "hybrid"
 
     def __init__(self, channels: int, reduction: int = 4) -> None:
         super().__init__()
@@ -132,28 +219,33 @@ class DyHeadBlock(nn.Module):
             nn.init.normal_(lin.weight, std=0.01)
             nn.init.zeros_(lin.bias)
 
-    def _scaled(self, f: torch.Tensor) -> torch.Tensor:
+    def _scaled(self, f: torch.Tensor, capture: LevelCapture | None = None, name: str = "") -> torch.Tensor:
         weight = F.hardsigmoid(F.relu(self.scale(f.mean((2, 3)))))  # (N, 1)
+        if capture is not None:
+            capture.add_weight(name, weight[:, 0])
         return f * weight[:, :, None, None]
 
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         outs = []
         for lvl, x in enumerate(feats):
             h, w = x.shape[-2:]
+            capture = None if self._capture is None else self._capture.level(lvl)
             offset_mask = self.offset(x)  # (N, 27, H, W)
             offset, mask = offset_mask[:, :18], offset_mask[:, 18:].sigmoid()
-            total, count = self._scaled(self.mid(x, offset, mask)), 1
+            if capture is not None:
+                capture.add("spatial", mask.mean(1))  # (N, H, W): mean over the 9 kernel points
+            total, count = self._scaled(self.mid(x, offset, mask), capture, "scale"), 1
             if lvl > 0:
                 finer = feats[lvl - 1]
                 if (finer.shape[-2] + 1) // 2 != h or (finer.shape[-1] + 1) // 2 != w:
                     finer = F.interpolate(finer, size=(2 * h, 2 * w), mode="bilinear", align_corners=False)
-                total = total + self._scaled(self.low(finer, offset, mask))
+                total = total + self._scaled(self.low(finer, offset, mask), capture, "scale_finer")
                 count += 1
             if lvl < len(feats) - 1:
                 coarser = F.interpolate(feats[lvl + 1], size=(h, w), mode="bilinear", align_corners=True)
-                total = total + self._scaled(self.high(coarser, offset, mask))
+                total = total + self._scaled(self.high(coarser, offset, mask), capture, "scale_coarser")
                 count += 1
-            outs.append(self.task(total / count))
+            outs.append(self.task(total / count, capture))
         return outs
 
 
@@ -205,9 +297,19 @@ def sine_positions(h: int, w: int, dim: int, *, device=None, dtype=None,
     return out.to(dtype or torch.get_default_dtype())
 
 
-class _EncoderLayer(nn.Module):
+class _EncoderLayer(LevelAttention):
     """Deformable DETR's encoder layer (post-norm): ``t = LN(t + MSDA(t + pos, ref, t))``, then
-    ``t = LN(t + FFN(t))``."""
+    ``t = LN(t + FFN(t))``.
+
+    Recorded for :mod:`visattn.explain` (only while capturing), per level ``l``: ``"received"``,
+    the sampling weights of all queries (the positions of every level) that fall on level ``l``,
+    splatted bilinearly onto its map, averaged over heads and divided by the number of queries
+    (summed over all levels' maps: 1 less the weight that fell off the maps); with a query point,
+    ``"query"``: the same for the point's queries alone, one per level (the position of each level
+    holding the point), divided by their number.
+    """
+
+    attention_name, attention_kind = "deformable", "self"
 
     def __init__(self, channels: int, levels: int, heads: int | None, points: int, ffn_ratio: int) -> None:
         super().__init__()
@@ -219,8 +321,31 @@ class _EncoderLayer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, ref: torch.Tensor,
                 shapes: list[tuple[int, int]]) -> torch.Tensor:
+        if self._capture is not None:
+            self._record(tokens + pos, ref, shapes)
         tokens = self.norm1(tokens + self.attn(tokens + pos, ref, tokens, shapes))
         return self.norm2(tokens + self.ffn(tokens))
+
+    @torch.no_grad()
+    def _record(self, query: torch.Tensor, ref: torch.Tensor, shapes: list[tuple[int, int]]) -> None:
+        """Store each level's ``"received"`` and ``"query"`` maps (see the class docstring)."""
+        n, q = query.shape[:2]
+        heads = self.attn.heads
+        locations, weights = self.attn.sampling(query, ref, shapes)  # (N, Q, M, L, P, 2), (N, Q, M, L, P)
+        starts = [0]
+        for h, w in shapes[:-1]:
+            starts.append(starts[-1] + h * w)
+        points = [self._capture.level(lvl).query_index(h, w) for lvl, (h, w) in enumerate(shapes)]
+        at = None if points[0] is None else torch.tensor([s + i for s, i in zip(starts, points, strict=True)],
+                                                         device=query.device)  # (L,) the point's queries
+        for lvl, (h, w) in enumerate(shapes):
+            capture = self._capture.level(lvl)
+            loc, wt = locations[:, :, :, lvl], weights[:, :, :, lvl]  # (N, Q, M, P, 2), (N, Q, M, P)
+            received = splat(loc.reshape(n, -1, 2), wt.reshape(n, -1), h, w)  # (N, h*w)
+            capture.add("received", (received / (heads * q)).view(n, h, w))
+            if at is not None:
+                paid = splat(loc[:, at].reshape(n, -1, 2), wt[:, at].reshape(n, -1), h, w)
+                capture.add("query", (paid / (heads * len(at))).view(n, h, w))
 
 
 class DeformableEncoder(nn.Module):
