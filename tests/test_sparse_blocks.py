@@ -424,3 +424,20 @@ def test_capture_routing_query_map_matches_full_attention():
     qh, kh = q.view(1, 24, 2, 8).transpose(1, 2), k.view(1, 24, 2, 8).transpose(1, 2)
     p = ((qh @ kh.transpose(-2, -1)) / math.sqrt(8)).softmax(-1)[0, :, 2 * 6 + 1].mean(0)
     torch.testing.assert_close(got[0], p.view(4, 6).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_routing_chunked_gather_equals_one_gather(monkeypatch):
+    """Large maps gather keys/values over chunks of regions (cache-sized): the result and the
+    gradients equal those of one gather over all regions, padding included."""
+    from visattn.layers import routing as routing_mod
+
+    torch.manual_seed(0)
+    block = visattn.create_block("routing", 16, region_size=4, topk=3).double()
+    x = torch.randn(2, 16, 13, 11, dtype=torch.float64, requires_grad=True)
+    y_one = block(x)
+    (g_one,) = torch.autograd.grad(y_one.square().sum(), x)
+    monkeypatch.setattr(routing_mod, "GATHER_BYTES", 1)  # one region per chunk
+    y_chunks = block(x)
+    (g_chunks,) = torch.autograd.grad(y_chunks.square().sum(), x)
+    torch.testing.assert_close(y_chunks, y_one, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g_chunks, g_one, rtol=0, atol=1e-10)

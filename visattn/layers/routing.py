@@ -16,6 +16,10 @@ from torch import nn
 from ._attention import attend, check_heads
 from ._base import AttentionBlock, check_int, check_odd
 
+#: Bytes of gathered keys and values per chunk of regions (see ``_attend_in_chunks``): 16 MiB
+#: stay in the last-level cache between the gather and the attention that reads them.
+GATHER_BYTES = 16 * 1024 * 1024
+
 __all__ = ["BiLevelRoutingAttention"]
 
 
@@ -141,20 +145,41 @@ class BiLevelRoutingAttention(AttentionBlock):
 
         # token level: gather the chosen regions' keys/values through one index_select on rows
         flat = (idx + torch.arange(n, device=x.device).view(n, 1, 1) * nr).view(-1)  # (N*nr*k_top,)
-        kv = kv.reshape(n * nr, rr * 2 * c).index_select(0, flat)  # (N*nr*k_top, rr*2C)
-        kv = kv.view(n * nr, k_top * rr, 2, heads, d).permute(2, 0, 3, 1, 4)  # (2, N*nr, heads, k*rr, d)
+        kv = (kv.reshape(n * nr, rr * 2 * c), flat, (k_top * rr, 2, heads, d))  # gathered lazily
         qh = q.reshape(n * nr, rr, heads, d).transpose(1, 2)  # (N*nr, heads, rr, d)
         mask = None
         if hp != h or wp != w:  # padded keys masked out
             key_ok = valid[idx.view(-1)].view(n * nr, 1, 1, k_top * rr)
             mask = torch.zeros(key_ok.shape, dtype=qh.dtype, device=x.device)
             mask = mask.masked_fill_(~key_ok, float("-inf"))
-        y = attend(qh, kv[0], kv[1], mask=mask, reference=self.reference)  # (N*nr, heads, rr, d)
+        y, keys = self._attend_in_chunks(qh, kv, mask)  # (N*nr, heads, rr, d)
         if self._capture is not None:
-            self._record(qh, kv[0], mask, idx, valid, (sh, rh, sw, rw), h, w)
+            self._record(qh, keys, mask, idx, valid, (sh, rh, sw, rw), h, w)
         y = y.transpose(1, 2).reshape(n, nr, rr, c)
         y = _from_regions(y, sh, rh, sw, rw)[:, :h, :w] + lce  # (N, H, W, C)
         return torch.add(x, self.proj(y).permute(0, 3, 1, 2), out=out)
+
+    def _attend_in_chunks(self, qh: torch.Tensor, kv: tuple,
+                          mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-level attention of every region over its gathered regions. The gather runs over
+        chunks of regions whose gathered keys/values take about ``GATHER_BYTES``, so they are
+        read back from cache, not memory, on large maps (one chunk when compiling or capturing).
+        Returns the output ``(N*nr, heads, rr, d)`` and the last chunk's gathered keys (all of
+        them when capturing)."""
+        rows, flat, (keys, two, heads, d) = kv
+        regions, k_top = qh.shape[0], flat.numel() // qh.shape[0]
+        per_region = keys * two * heads * d * rows.element_size()
+        step = regions
+        if not torch.compiler.is_compiling() and self._capture is None:
+            step = max(1, GATHER_BYTES // per_region)
+        outs = []
+        for start in range(0, regions, step):
+            stop = min(start + step, regions)
+            g = rows.index_select(0, flat[start * k_top:stop * k_top])  # (chunk*k_top, rr*2C)
+            g = g.view(stop - start, keys, two, heads, d).permute(2, 0, 3, 1, 4)  # (2, chunk, heads, k*rr, d)
+            m = None if mask is None else mask[start:stop]
+            outs.append(attend(qh[start:stop], g[0], g[1], mask=m, reference=self.reference))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, 0)), g[0]
 
     def _record(self, qh: torch.Tensor, kg: torch.Tensor, mask: torch.Tensor | None, idx: torch.Tensor,
                 valid: torch.Tensor, grid: tuple[int, int, int, int], h: int, w: int) -> None:
