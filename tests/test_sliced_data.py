@@ -118,10 +118,12 @@ def test_random_crops_keep_boxes_and_masks_consistent(scene, augment):
             for box, m in zip(t["boxes"], t["masks"], strict=True):
                 assert 0 <= box[0] < box[2] <= 48 and 0 <= box[1] < box[3] <= 48
                 ys, xs = np.nonzero(m.numpy())
-                if augment != "small_objects":  # no rescale: the mask lies in the clipped box, touching it
+                if augment != "small_objects":  # no rescale: the mask lies in the clipped box
+                    # (not necessarily touching it: the clipped box of an object cut by the crop is
+                    # the crop of its box, looser than the box of its cropped mask when its extreme
+                    # pixels lie outside the crop, as albumentations and torchvision clip boxes)
                     x0, y0, x1, y1 = (round(float(v)) for v in box)
                     assert len(xs) and x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
-                    assert xs.min() == x0 or ys.min() == y0 or xs.max() == x1 - 1 or ys.max() == y1 - 1
                 seen += 1
     assert seen > 0
 

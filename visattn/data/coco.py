@@ -293,6 +293,13 @@ class CocoDetectionDataset(Dataset):
             masks = masks[:n_inst]
         boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
         ok = (boxes_t[:, 2] > boxes_t[:, 0]) & (boxes_t[:, 3] > boxes_t[:, 1])
+        if self.return_masks:
+            stacked = torch.as_tensor(np.stack([np.asarray(m) for m in masks]) if masks
+                                      else np.zeros((0, *image.shape[:2]), dtype=np.uint8), dtype=torch.uint8)
+            if self.transform is not None and len(stacked):
+                # a crop keeps a box while 30% of it is in view, yet the object's visible pixels
+                # may all lie outside the crop: an instance needs at least one mask pixel
+                ok &= (stacked.flatten(1) > 0).any(1)
         target = {
             "boxes": boxes_t[ok],
             "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1)[ok],
@@ -301,9 +308,7 @@ class CocoDetectionDataset(Dataset):
             "size": tuple(image.shape[:2]),
         }
         if self.return_masks:
-            stacked = (np.stack([np.asarray(m) for m in masks]) if masks
-                       else np.zeros((0, *image.shape[:2]), dtype=np.uint8))
-            target["masks"] = torch.as_tensor(stacked, dtype=torch.uint8)[ok]
+            target["masks"] = stacked[ok]
         if self.semantic:  # larger objects first, so smaller ones stay visible on top
             sem = np.zeros(image.shape[:2], dtype=np.int64)
             for (label, _), m in zip(sem_masks, sem_out, strict=True):
