@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from ._base import check_int
 
-__all__ = ["attend", "attention_probs", "attention_totals", "default_heads", "merge_heads",
-           "record_attention", "sincos_2d", "split_heads", "spread_to_grid"]
+__all__ = ["POS_EMBEDS", "attend", "attention_probs", "attention_totals", "check_pos_embed",
+           "default_heads", "merge_heads", "project_qkv", "record_attention", "sincos_2d",
+           "split_heads", "spread_to_grid"]
 
 
 def default_heads(channels: int, min_head_dim: int = 16) -> int:
@@ -54,6 +55,30 @@ def sincos_2d(h: int, w: int, dim: int, *, device=None, dtype=None, temperature:
         ax = xs.reshape(-1, 1) * omega
         out[:, :4 * quarter] = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], 1)
     return out.to(dtype or torch.get_default_dtype())
+
+
+POS_EMBEDS = ("sincos", "none")
+
+
+def check_pos_embed(pos_embed: object, block: str) -> str:
+    """``pos_embed`` if it is ``"sincos"`` or ``"none"``; a ``ValueError`` naming ``block`` otherwise."""
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"{block} pos_embed must be 'sincos' or 'none', got {pos_embed!r}")
+    return pos_embed
+
+
+def project_qkv(qkv: torch.nn.Conv2d, x: torch.Tensor, heads: int,
+                pos_embed: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values ``(N, heads, HW, C // heads)`` of ``x`` by the 1x1 convolution
+    ``qkv`` (``C -> 3C``), with ``q, k = W_{q,k}(x + p)`` for the 2-D sin-cos positions ``p`` when
+    ``pos_embed == "sincos"`` (added after the projection as ``W_{q,k} p``: no ``x + p`` copy)."""
+    n, c, h, w = x.shape
+    out = qkv(x).flatten(2)  # (N, 3C, HW)
+    if pos_embed == "sincos":
+        pos = sincos_2d(h, w, c, device=x.device, dtype=out.dtype).t()  # (C, HW)
+        pos_qk = qkv.weight[:2 * c].flatten(1).to(out.dtype) @ pos  # (2C, HW): W_{q,k} p
+        out = torch.cat([out[:, :2 * c] + pos_qk, out[:, 2 * c:]], 1)
+    return out.view(n, 3, heads, c // heads, h * w).transpose(-2, -1).unbind(1)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,

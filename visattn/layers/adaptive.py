@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._attention import check_heads, sincos_2d
+from ._attention import check_heads, check_pos_embed, project_qkv
 from ._base import AttentionBlock, check_input
 
 __all__ = ["AdaptiveSparseAttention", "entmax_bisect"]
@@ -219,8 +219,7 @@ class AdaptiveSparseAttention(AttentionBlock):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         name = "AdaptiveSparseAttention"
-        if pos_embed not in ("sincos", "none"):
-            raise ValueError(f"{name} pos_embed must be 'sincos' or 'none', got {pos_embed!r}")
+        check_pos_embed(pos_embed, name)
         dd = {"device": device, "dtype": dtype}
         self.channels = channels
         self.heads = check_heads(channels, heads, name)
@@ -236,14 +235,8 @@ class AdaptiveSparseAttention(AttentionBlock):
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(N, heads, HW, d)`` queries (already scaled by ``d ** -0.5``), keys and values."""
-        n, c, h, w = x.shape
-        qkv = self.qkv(x).flatten(2)  # (N, 3C, HW)
-        if self.pos_embed == "sincos":
-            pos = sincos_2d(h, w, c, device=x.device, dtype=qkv.dtype).t()  # (C, HW)
-            pos_qk = self.qkv.weight[:2 * c].flatten(1).to(qkv.dtype) @ pos  # (2C, HW): W_{q,k} p
-            qkv = torch.cat([qkv[:, :2 * c] + pos_qk, qkv[:, 2 * c:]], 1)
-        q, k, v = qkv.view(n, 3, self.heads, c // self.heads, h * w).transpose(-2, -1).unbind(1)
-        return q * (c // self.heads) ** -0.5, k, v
+        q, k, v = project_qkv(self.qkv, x, self.heads, self.pos_embed)  # (N, heads, HW, d)
+        return q * (x.shape[1] // self.heads) ** -0.5, k, v
 
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         n, c, h, w = x.shape

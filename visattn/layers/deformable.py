@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._attention import check_heads, sincos_2d
+from ._attention import check_heads, check_pos_embed, sincos_2d
 from ._base import AttentionBlock, check_int
 
 __all__ = ["DeformableAttention", "MultiScaleDeformableAttention", "deformable_sample",
@@ -237,8 +237,7 @@ class DeformableAttention(AttentionBlock):
                  pos_embed: str = "sincos", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if pos_embed not in ("sincos", "none"):
-            raise ValueError(f"DeformableAttention pos_embed must be 'sincos' or 'none', got {pos_embed!r}")
+        check_pos_embed(pos_embed, "DeformableAttention")
         self.channels = channels
         self.pos_embed = pos_embed
         self.attn = MultiScaleDeformableAttention(channels, levels=1, heads=heads, points=points,

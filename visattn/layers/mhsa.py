@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._attention import attend, check_heads, record_attention, sincos_2d
+from ._attention import attend, check_heads, check_pos_embed, project_qkv, record_attention
 from ._base import AttentionBlock
 
 __all__ = ["MultiHeadSelfAttention"]
@@ -35,8 +35,7 @@ class MultiHeadSelfAttention(AttentionBlock):
                  pos_embed: str = "sincos", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if pos_embed not in ("sincos", "none"):
-            raise ValueError(f"MultiHeadSelfAttention pos_embed must be 'sincos' or 'none', got {pos_embed!r}")
+        check_pos_embed(pos_embed, "MultiHeadSelfAttention")
         dd = {"device": device, "dtype": dtype}
         self.channels = channels
         self.heads = check_heads(channels, heads, "MultiHeadSelfAttention")
@@ -47,12 +46,7 @@ class MultiHeadSelfAttention(AttentionBlock):
 
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         n, c, h, w = x.shape
-        qkv = self.qkv(x).flatten(2)  # (N, 3C, HW)
-        if self.pos_embed == "sincos":
-            pos = sincos_2d(h, w, c, device=x.device, dtype=qkv.dtype).t()  # (C, HW)
-            pos_qk = self.qkv.weight[:2 * c].flatten(1).to(qkv.dtype) @ pos  # (2C, HW): W_{q,k} p
-            qkv = torch.cat([qkv[:, :2 * c] + pos_qk, qkv[:, 2 * c:]], 1)
-        q, k, v = qkv.view(n, 3, self.heads, c // self.heads, h * w).transpose(-2, -1).unbind(1)
+        q, k, v = project_qkv(self.qkv, x, self.heads, self.pos_embed)  # (N, heads, HW, C/heads)
         if self._capture is not None:
             record_attention(self._capture, q, k, size=(h, w))
         y = attend(q, k, v, reference=self.reference)  # (N, heads, HW, C/heads)
