@@ -5,8 +5,10 @@ naive attention that materialises the (HW x HW) softmax matrix.
 
 Writes attention-scaling-cpu.md (table + goal checks), attention-scaling-cpu.json and
 attention-scaling-cpu.png (log-log plot). One forward pass, batch 1, C=64, ``eval()`` under
-``no_grad``; time is the best of ``--repeats`` (1 above 96x96); memory is the peak resident memory
-the forward adds (Linux: VmHWM after resetting it), measured in a separate call.
+``no_grad``; time is the best of ``--repeats`` (``--large-repeats`` above 96x96); memory is the peak
+resident memory the forward adds (Linux: VmHWM after resetting it), measured in a separate call.
+A block's sizes are timed interleaved (each round times every size once), so a slow phase of a
+shared machine falls on all sizes alike and the growth ratios compare runs made side by side.
 
 Blocks in ``--backward-blocks`` (the learned-sparse ones by default) are also timed in training:
 a forward with autograd and the backward of ``y.sum()``, each the best of the same repeats.
@@ -32,7 +34,7 @@ import torch
 
 import visattn
 from visattn._io import atomic_path, atomic_write_json, atomic_write_text
-from visattn.bench import _best_of, peak_memory_mb
+from visattn.bench import peak_memory_mb
 
 NAIVE_LIMIT_GB = 8.0  # skip the naive reference where its matrices alone would exceed this
 # dense-cost blocks that also run an iterative normalisation: skipped above this many tokens (adaptive's
@@ -138,36 +140,47 @@ def main() -> None:
             name, args.channels, **kwargs)
         block.eval()
         rows[spec] = {}
+        plans = {}  # side -> (input, repeats, warm-up runs)
         for side in args.sides:
             tokens = side * side
             if (name == "naive" and 3 * tokens ** 2 * 4 / 1e9 > NAIVE_LIMIT_GB) or \
                     tokens > DENSE_LIMIT_TOKENS.get(name, tokens):
                 rows[spec][tokens] = None
                 continue
-            x = torch.randn(1, args.channels, side, side)
-
-            def run():
-                with torch.no_grad():
-                    return block(x)
-
             repeats, warmup = (args.repeats, 1) if side <= 96 else (args.large_repeats, 0)
             if name in DENSE_LIMIT_TOKENS and side > 32:
                 repeats, warmup = 1, 0
+            plans[side] = (torch.randn(1, args.channels, side, side), repeats, warmup)
+        train = name in args.backward_blocks
+        best: dict[int, dict[str, float]] = {side: {} for side in plans}
+        # interleaved: every round times each size once, so a slow phase of a shared machine
+        # falls on all sizes alike and the growth ratios compare runs made side by side
+        for i in range(max((r + w for _, r, w in plans.values()), default=0)):
+            for side, (x, repeats, warmup) in plans.items():
+                if i >= repeats + warmup:
+                    continue
+                block.eval()
+                wall, cpu = time_eval(block, x, 1, 0)
+                t = time_train(block, x, 1, 0) if train else {}
+                if i >= warmup:
+                    for key, value in {"ms": wall, "cpu_ms": cpu, **t}.items():
+                        best[side][key] = min(best[side].get(key, float("inf")), value)
+        block.eval()
+        for side, (x, _, _) in plans.items():
+            def run(block=block, x=x):
+                with torch.no_grad():
+                    return block(x)
+
+            got = best[side]
+            rows[spec][side * side] = row = {"ms": got["ms"], "mb": peak_memory_mb(run)}
+            line = f"{spec:20s} {side:4d}x{side:<4d} {row['ms']:10.1f} ms {row['mb']:9.1f} MiB"
             if args.cpu_time:
-                ms, cpu_ms = time_eval(block, x, repeats, warmup)
-            else:
-                ms = _best_of({"run": run}, repeats, warmup=warmup)["run"]
-            mb = peak_memory_mb(run)
-            rows[spec][tokens] = {"ms": ms, "mb": mb}
-            line = f"{spec:20s} {side:4d}x{side:<4d} {ms:10.1f} ms {mb:9.1f} MiB"
-            if args.cpu_time:
-                rows[spec][tokens]["cpu_ms"] = cpu_ms
-                line += f" cpu {cpu_ms:10.1f} ms"
-            if name in args.backward_blocks:
-                t = time_train(block, x, repeats, warmup)
-                rows[spec][tokens].update(t)
-                line += (f"   train cpu: fwd {t['train_fwd_cpu_ms']:9.1f} ms  bwd {t['bwd_cpu_ms']:9.1f} ms "
-                         f"({t['bwd_cpu_ms'] / t['train_fwd_cpu_ms']:.2f}x)")
+                row["cpu_ms"] = got["cpu_ms"]
+                line += f" cpu {row['cpu_ms']:10.1f} ms"
+            if train:
+                row.update({k: got[k] for k in ("train_fwd_ms", "bwd_ms", "train_fwd_cpu_ms", "bwd_cpu_ms")})
+                line += (f"   train cpu: fwd {row['train_fwd_cpu_ms']:9.1f} ms  bwd {row['bwd_cpu_ms']:9.1f} ms "
+                         f"({row['bwd_cpu_ms'] / row['train_fwd_cpu_ms']:.2f}x)")
             print(line, flush=True)
     if "naive" in rows:  # the quadratic reference last
         rows["naive"] = rows.pop("naive")
@@ -184,7 +197,7 @@ def main() -> None:
         "# Self-attention scaling on CPU", "", f"Command: `{cmd}`{note}", "",
         f"Batch 1, C={args.channels}, one forward pass in `eval()` under `no_grad`; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {platform.machine()}. Time: best of {args.repeats} up to 96x96, "
-        f"{args.large_repeats} above (blocks with a dense-size limit: one run above 32x32). Memory: peak resident memory added by the forward (VmHWM). `naive` materialises "
+        f"{args.large_repeats} above, the sizes of a block timed interleaved (blocks with a dense-size limit: one run above 32x32). Memory: peak resident memory added by the forward (VmHWM). `naive` materialises "
         f"the HW x HW softmax matrix (skipped where that would exceed {NAIVE_LIMIT_GB:.0f} GB).", "",
         "| block | " + " | ".join(f"{s}x{s} ms" for s in args.sides) + " | "
         + " | ".join(f"{s}x{s} MiB" for s in args.sides) + " |",

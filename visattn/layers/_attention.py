@@ -10,8 +10,14 @@ import torch.nn.functional as F
 
 from ._base import check_int
 
-__all__ = ["POS_EMBEDS", "attend", "attention_probs", "attention_totals", "check_pos_embed",
-           "default_heads", "merge_heads", "project_qkv", "record_attention", "sincos_2d",
+#: Bytes of gathered keys/values (or other per-query intermediates) per chunk in the sparse blocks
+#: (``routing``, ``quadtree``, ``deformable``): 16 MiB stay in the last-level cache between the
+#: op that writes them and the attention that reads them, so large maps do not stream them
+#: through memory. Each block reads it at call time from its own module (tests shrink it there).
+GATHER_BYTES = 16 * 1024 * 1024
+
+__all__ = ["GATHER_BYTES", "POS_EMBEDS", "RowChunks", "attend", "attention_probs", "attention_totals",
+           "check_pos_embed", "default_heads", "merge_heads", "project_qkv", "record_attention", "sincos_2d",
            "split_heads", "spread_to_grid"]
 
 
@@ -103,6 +109,54 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | 
     if mask is not None:
         s = s + mask
     return s.softmax(-1) @ v
+
+
+class RowChunks:
+    """Take rows of one source tensor in several ``index_select`` calls (cache-sized chunks) while
+    its gradient is built once. Autograd would give every chunk's backward its own zero-filled
+    copy of the whole source and then add them up (``chunks`` full-size fills and adds); here the
+    chunks ``index_add`` into one shared buffer, handed to autograd by the last chunk's backward.
+
+    Use one instance per source and forward, and take exactly ``chunks`` chunks; every chunk's
+    output must reach the loss (as it does when the chunks are concatenated). Without autograd
+    (no grad, or a source that needs none) it is a plain ``index_select``. Not twice
+    differentiable."""
+
+    def __init__(self, rows: torch.Tensor, chunks: int) -> None:
+        self.rows = rows
+        self.chunks = self.left = chunks
+        self.grad: torch.Tensor | None = None
+        self.tracked = chunks > 1 and torch.is_grad_enabled() and rows.requires_grad
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """``rows.index_select(0, index)``."""
+        if not self.tracked:
+            return self.rows.index_select(0, index)
+        return _TakeRows.apply(self.rows, index, self)
+
+    def _backward(self, index: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+        if self.grad is None:
+            self.grad = grad.new_zeros(self.rows.shape)
+        self.grad.index_add_(0, index, grad)
+        self.left -= 1
+        if self.left:
+            return None  # no gradient from this chunk yet: it is in the shared buffer
+        grad, self.grad, self.left = self.grad, None, self.chunks  # ready for a retained graph
+        return grad
+
+
+class _TakeRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, chunks: RowChunks) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.chunks = chunks
+        return rows.index_select(0, index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return ctx.chunks._backward(index, grad), None, None
 
 
 # --------------------------------------------------------------------------------------------------

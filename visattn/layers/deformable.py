@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._attention import check_heads, check_pos_embed, sincos_2d
+from ._attention import GATHER_BYTES, check_heads, check_pos_embed, sincos_2d
 from ._base import AttentionBlock, check_int
 
 __all__ = ["DeformableAttention", "MultiScaleDeformableAttention", "deformable_sample",
@@ -192,6 +192,10 @@ class MultiScaleDeformableAttention(nn.Module):
 
         Returns:
             ``(N, Q, C)``.
+
+        The queries run in chunks whose samples take about ``GATHER_BYTES`` (one chunk when
+        compiling), so the sampled values are summed while still in cache on large maps; a query's
+        result does not depend on the chunking.
         """
         n, s, c = value.shape
         if len(shapes) != self.levels or sum(h * w for h, w in shapes) != s:
@@ -203,9 +207,19 @@ class MultiScaleDeformableAttention(nn.Module):
         for h, w in shapes:  # (N*heads, D, H_l, W_l)
             maps.append(v[:, start:start + h * w].permute(0, 2, 3, 1).reshape(n * self.heads, d, h, w))
             start += h * w
-        locations, weights = self.sampling(query, reference, shapes)
-        out = deformable_sample(maps, locations, weights).to(v.dtype)  # (N, C, Q)
-        return self.output_proj(out.transpose(1, 2))
+        q = query.shape[1]
+        step = q
+        if not torch.compiler.is_compiling():
+            # per query: the sampled values (C * levels * points) plus offsets, weights and points
+            per_query = (c + 8 * self.heads) * self.levels * self.points * max(v.element_size(), 4)
+            step = max(1, GATHER_BYTES // (n * per_query))
+        outs = []
+        for start in range(0, q, step):  # queries in cache-sized chunks; each query's result is the same
+            locations, weights = self.sampling(query[:, start:start + step],
+                                               reference[..., start:start + step, :], shapes)
+            out = deformable_sample(maps, locations, weights).to(v.dtype)  # (N, C, Q')
+            outs.append(self.output_proj(out.transpose(1, 2)))  # (N, Q', C)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, levels={self.levels}, heads={self.heads}, points={self.points}"

@@ -14,22 +14,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._attention import check_heads
+from ._attention import GATHER_BYTES, RowChunks, check_heads
 from ._base import AttentionBlock, check_int
+from ._depthwise import depthwise_conv
 
 __all__ = ["QuadtreeAttention"]
 
 
 def _pool2(t: torch.Tensor) -> torch.Tensor:
-    """Sum over 2x2 cells: ``(N, 2h, 2w, C)`` -> ``(N, h, w, C)``."""
-    n, h, w, c = t.shape
-    return t.view(n, h // 2, 2, w // 2, 2, c).sum((2, 4))
+    """Sum over 2x2 cells: ``(N, 2h, 2w, C)`` -> ``(N, h, w, C)``. Three adds of strided quarters,
+    each vectorised over the contiguous channels (a ``sum`` over the two cell dimensions reduces
+    across strides and is several times slower on large maps)."""
+    return (t[:, 0::2, 0::2] + t[:, 0::2, 1::2]) + (t[:, 1::2, 0::2] + t[:, 1::2, 1::2])
 
 
 def _up2(t: torch.Tensor) -> torch.Tensor:
     """Nearest 2x upsampling: ``(N, h, w, C)`` -> ``(N, 2h, 2w, C)``."""
     n, h, w, c = t.shape
     return t[:, :, None, :, None].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c)
+
+
+def _add_up2(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """``fine + _up2(coarse)`` in one broadcast add, without materialising the upsampled map."""
+    n, h2, w2, c = fine.shape
+    return (fine.view(n, h2 // 2, 2, w2 // 2, 2, c) + coarse[:, :, None, :, None]).view(n, h2, w2, c)
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -52,22 +60,16 @@ def _from_parent(t: torch.Tensor, h2: int, w2: int) -> torch.Tensor:
     return t.reshape(n, h2, w2, heads * d)
 
 
-def _gather_children(kv: torch.Tensor, idx: torch.Tensor, heads: int) -> torch.Tensor:
-    """The keys and values of the 2x2 children of the parent positions ``idx``.
-
-    ``kv`` ``(N, 2h, 2w, 2C)`` (keys then values), ``idx`` ``(N, heads, S', k)`` positions on the
-    ``h x w`` parent map -> ``(N, heads, S', k * 4, 2, C / heads)``, children in row-major order.
-    The map is laid out once with each parent's 4 children (k and v) in one row, and the rows are
-    taken with one ``index_select``, whose backward is a contiguous ``index_add`` (``torch.gather``
-    over an index expanded to the channels is far slower to differentiate on CPU)."""
+def _child_rows(kv: torch.Tensor, heads: int) -> torch.Tensor:
+    """The keys and values of a level laid out by parent: ``kv`` ``(N, 2h, 2w, 2C)`` (keys then
+    values) -> ``(N * heads * h * w, 4 * 2 * C / heads)``, one row per parent and head holding its
+    2x2 children (row-major), keys then values. Rows are taken with ``index_select``, whose backward
+    is a contiguous ``index_add`` (``torch.gather`` over an index expanded to the channels is far
+    slower to differentiate on CPU)."""
     n, h2, w2, c2 = kv.shape
     d = c2 // (2 * heads)
     rows = kv.view(n, h2 // 2, 2, w2 // 2, 2, 2, heads, d).permute(0, 6, 1, 3, 2, 4, 5, 7)
-    s = (h2 // 2) * (w2 // 2)
-    rows = rows.reshape(n * heads * s, 4 * 2 * d)  # (N*heads*S, [2x2 children, k|v, d])
-    offset = torch.arange(n * heads, device=idx.device).view(n, heads, 1, 1) * s
-    out = rows.index_select(0, (idx + offset).reshape(-1))
-    return out.view(*idx.shape[:3], idx.shape[3] * 4, 2, d)
+    return rows.reshape(n * heads * (h2 // 2) * (w2 // 2), 4 * 2 * d)
 
 
 class QuadtreeAttention(AttentionBlock):
@@ -96,7 +98,10 @@ class QuadtreeAttention(AttentionBlock):
 
     Cost: ``O(P · 4 topk · d)`` per fine level and ``(P / 4^(levels-1))^2 · d`` at the coarsest, so
     linear in the positions ``P = H W`` while the coarsest map stays small (``levels=4``: 32x32
-    coarse tokens at 256x256); raise ``levels`` for larger maps. Sides that are not multiples of
+    coarse tokens at 256x256); raise ``levels`` for larger maps. Each fine level runs over chunks
+    of parents whose gathered keys/values take about ``GATHER_BYTES`` (cache-sized), and the LePE
+    convolutions take their CPU weight gradient over bands of rows
+    (:func:`~visattn.layers._depthwise.depthwise_conv`); neither changes the result. Sides that are not multiples of
     ``2^(levels-1)`` are zero-padded at the bottom/right after the projection; coarse tokens average
     real tokens only, and padded tokens are never keys.
 
@@ -190,39 +195,90 @@ class QuadtreeAttention(AttentionBlock):
                     used = a * torch.ones_like(a).scatter(-1, idx, 0.0)
                 msg = (used @ v).transpose(1, 2).reshape(n, hl, wl, c)
             else:
-                q = _by_parent(qkv[..., :c], heads)  # (N, heads, S', 4, d): children of each parent
-                wp_ = wl // 2
-                base = 2 * (idx // wp_) * wl + 2 * (idx % wp_)  # top-left child of each kept key
-                offs = torch.tensor([0, 1, wl, wl + 1], device=x.device)
-                cand = (base[..., None] + offs).flatten(-2)  # (N, heads, S', 4k): candidate keys
-                kvg = _gather_children(qkv[..., c:], idx, heads)  # (N, heads, S', 4k, 2, d)
-                kg, vg = kvg[..., 0, :], kvg[..., 1, :]
-                s = (q @ kg.transpose(-2, -1)) * scale  # (N, heads, S', 4, 4k)
-                s = s.masked_fill(~ok[cand][..., None, :], low)
-                if self.variant == "b":
-                    a = s.softmax(-1)
-                else:  # parent's score times a softmax over its 4 children
-                    kp = cand.shape[-1] // 4
-                    a = (s.unflatten(-1, (kp, 4)).softmax(-1) * score[..., None, :, None]).flatten(-2)
-                used = a
-                if not last:
-                    top = a.topk(min(self.topk[lvl], a.shape[-1]), -1)  # (N, heads, S', 4, k)
-                    if self.variant == "a":
-                        used = a * torch.ones_like(a).scatter(-1, top.indices, 0.0)
-                    sel = cand[..., None, :].expand(a.shape).gather(-1, top.indices)
-                    idx = _from_parent(sel, hl, wl).view(n, hl * wl, heads, -1).transpose(1, 2)
-                    score = _from_parent(top.values, hl, wl).view(n, hl * wl, heads, -1).transpose(1, 2)
-                msg = _from_parent(used @ vg, hl, wl)  # (N, hl, wl, C)
+                msg, idx, score, used, cand = self._fine_level(qkv, ok, idx, score, lvl, last)
             if self.variant == "b":
                 v_map = qkv[..., 2 * c:].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-                msg = (msg + self.lepe[lvl](v_map).permute(0, 2, 3, 1)) * self.level_weight.softmax(0)[lvl]
-            acc = msg if acc is None else _up2(acc) + msg
+                lepe = depthwise_conv(self.lepe[lvl], v_map).permute(0, 2, 3, 1)  # (N, hl, wl, C)
+                msg = (msg + lepe) * self.level_weight.softmax(0)[lvl]
+            acc = msg if acc is None else _add_up2(msg, acc)
             if record is not None:
                 record.append((used, cand, cnt))
         if record is not None:
             self._record(record, n, h, w, hp, wp)
         y = self.proj(acc[:, :h, :w])  # (N, H, W, C)
         return torch.add(x, y.permute(0, 3, 1, 2), out=out)
+
+    def _fine_level(self, qkv: torch.Tensor, ok: torch.Tensor, idx: torch.Tensor, score: torch.Tensor,
+                    lvl: int, last: bool) -> tuple:
+        """One level below the coarsest: each child query attends to the 2x2 children of its
+        parent's kept keys. ``qkv`` ``(N, hl, wl, 3C)``, ``ok`` ``(hl * wl,)`` real tokens, ``idx``
+        and ``score`` ``(N, heads, S', k)`` the parents' kept keys on the parent map (``S' = hl wl /
+        4``) and their weights. Returns the message ``(N, hl, wl, C)``; the kept keys and weights of
+        this level ``(N, heads, hl * wl, k')`` (``None`` at the finest); and the weights and
+        candidate keys ``(N, heads, S', 4, 4k)`` / ``(N, heads, S', 4k)`` while capturing (else
+        ``None``).
+
+        The parents run in chunks whose gathered keys/values take about ``GATHER_BYTES``, so the
+        gathered rows are read back from cache, not memory, on large maps (one chunk when
+        compiling or capturing); every parent's result is the same either way."""
+        n, hl, wl, c3 = qkv.shape
+        c, heads = c3 // 3, self.heads
+        d, k = c // heads, idx.shape[-1]
+        scale = 1.0 / math.sqrt(d)
+        low = torch.finfo(qkv.dtype).min  # finite: a row of masked keys is uniform, never NaN
+        q = _by_parent(qkv[..., :c], heads)  # (N, heads, S', 4, d): children of each parent
+        s_par = q.shape[2]
+        total = n * heads * s_par
+        q = q.reshape(total, 4, d)
+        rows = _child_rows(qkv[..., c:], heads)  # (N*heads*S', [2x2 children, k|v, d])
+        offset = torch.arange(n * heads, device=qkv.device).view(n, heads, 1, 1) * s_par
+        rows_idx = (idx + offset).reshape(total, k)  # rows of the kept parents
+        parents = idx.reshape(total, k)
+        parent_score = score.reshape(total, k) if self.variant == "a" else None
+        wp_ = wl // 2
+        offs = torch.tensor([0, 1, wl, wl + 1], device=qkv.device)
+        step = total
+        if not torch.compiler.is_compiling() and self._capture is None:
+            step = max(1, GATHER_BYTES // (k * 4 * 2 * d * qkv.element_size()))
+        msgs, sels, vals, useds, cands = [], [], [], [], []
+        source = RowChunks(rows, -(-total // step))
+        for start in range(0, total, step):
+            part = slice(start, start + step)
+            pi = parents[part]
+            base = 2 * (pi // wp_) * wl + 2 * (pi % wp_)  # top-left child of each kept key
+            cand = (base[..., None] + offs).flatten(-2)  # (B, 4k): candidate keys on this level
+            kvg = source.take(rows_idx[part].reshape(-1)).view(-1, 4 * k, 2, d)
+            s = (q[part] @ kvg[..., 0, :].transpose(-2, -1)) * scale  # (B, 4, 4k)
+            s = s.masked_fill(~ok[cand][:, None, :], low)
+            if self.variant == "b":
+                a = s.softmax(-1)
+            else:  # parent's score times a softmax over its 4 children
+                a = (s.unflatten(-1, (k, 4)).softmax(-1) * parent_score[part][:, None, :, None]).flatten(-2)
+            used = a
+            if not last:
+                top = a.topk(min(self.topk[lvl], a.shape[-1]), -1)  # (B, 4, k')
+                if self.variant == "a":
+                    used = a * torch.ones_like(a).scatter(-1, top.indices, 0.0)
+                sels.append(cand[:, None, :].expand(a.shape).gather(-1, top.indices))
+                vals.append(top.values)
+            msgs.append(used @ kvg[..., 1, :])  # (B, 4, d)
+            if self._capture is not None:
+                useds.append(used)
+                cands.append(cand)
+
+        def to_map(parts: list) -> torch.Tensor:  # (total, 4, X) pieces -> (N, hl, wl, heads * X)
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+            return _from_parent(t.view(n, heads, s_par, 4, -1), hl, wl)
+
+        msg = to_map(msgs)
+        if not last:
+            idx = to_map(sels).view(n, hl * wl, heads, -1).transpose(1, 2)
+            score = to_map(vals).view(n, hl * wl, heads, -1).transpose(1, 2)
+        used = cand = None
+        if useds:
+            used = useds[0].view(n, heads, s_par, 4, -1)
+            cand = cands[0].view(n, heads, s_par, -1)
+        return msg, idx, score, used, cand
 
     def _record(self, record: list, n: int, h: int, w: int, hp: int, wp: int) -> None:
         """Store "received" and "query" maps (explain only). Each level's weights (times the level's

@@ -13,12 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._attention import attend, check_heads
+from ._attention import GATHER_BYTES, RowChunks, attend, check_heads
 from ._base import AttentionBlock, check_int, check_odd
-
-#: Bytes of gathered keys and values per chunk of regions (see ``_attend_in_chunks``): 16 MiB
-#: stay in the last-level cache between the gather and the attention that reads them.
-GATHER_BYTES = 16 * 1024 * 1024
+from ._depthwise import depthwise_conv
 
 __all__ = ["BiLevelRoutingAttention"]
 
@@ -124,7 +121,7 @@ class BiLevelRoutingAttention(AttentionBlock):
         qkv = self.qkv(x.permute(0, 2, 3, 1))  # (N, H, W, 3C)
         q, k, v = qkv.view(n, h, w, 3, c).unbind(3)  # views; the backward is one stack, no zero fill
         v_map = v.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-        lce = self.lce(v_map).permute(0, 2, 3, 1)  # (N, H, W, C): the unpadded map, padding-free
+        lce = depthwise_conv(self.lce, v_map).permute(0, 2, 3, 1)  # (N, H, W, C): unpadded map
         kv = torch.cat([k, v], -1)  # (N, H, W, 2C): one row per region after partitioning
         if hp != h or wp != w:  # pad after the projection, so padded tokens are exact zeros
             q, kv = (F.pad(t, (0, 0, 0, wp - w, 0, hp - h)) for t in (q, kv))
@@ -172,10 +169,10 @@ class BiLevelRoutingAttention(AttentionBlock):
         step = regions
         if not torch.compiler.is_compiling() and self._capture is None:
             step = max(1, GATHER_BYTES // per_region)
-        outs = []
+        outs, source = [], RowChunks(rows, -(-regions // step))
         for start in range(0, regions, step):
             stop = min(start + step, regions)
-            g = rows.index_select(0, flat[start * k_top:stop * k_top])  # (chunk*k_top, rr*2C)
+            g = source.take(flat[start * k_top:stop * k_top])  # (chunk*k_top, rr*2C)
             g = g.view(stop - start, keys, two, heads, d).permute(2, 0, 3, 1, 4)  # (2, chunk, heads, k*rr, d)
             m = None if mask is None else mask[start:stop]
             outs.append(attend(qh[start:stop], g[0], g[1], mask=m, reference=self.reference))
