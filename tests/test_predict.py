@@ -272,6 +272,39 @@ def test_real_detector_batch_sizes_agree():
     assert model.transform.min_size == (64,) and model.transform.max_size == 64
 
 
+def test_real_mask_rcnn_masks_shift_to_their_tile():
+    """A real (untrained, tiny) Mask R-CNN: every sliced output is one tile's detection, its box
+    shifted by the tile's origin and its mask that tile's mask pasted at that origin, zero
+    elsewhere (no merging: a threshold of 1 only joins identical boxes, and every box is kept)."""
+    from visattn.models import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector("maskrcnn", backbone="resnet10t", num_classes=2, pretrained_backbone=False,
+                           fpn_channels=32, detector_kwargs={"min_size": 64, "max_size": 64,
+                                                             "box_score_thresh": 0.0,
+                                                             "box_detections_per_img": 5}).eval()
+    image = torch.rand(3, 64, 112)  # tiles at x = 0 and x = 48 (the edge tile shifted inside)
+    out = sliced_predict(model, image, slice_size=64, overlap=0.0, full_image=False, merge="nms",
+                         threshold=1.0, occlusion_safe=False, max_detections=None)
+    with torch.no_grad():
+        tiles = model([image[:, :, 0:64], image[:, :, 48:112]])
+    expected = [(x0, t) for x0, tile in zip((0, 48), tiles, strict=True) for t in zip(
+        tile["boxes"], tile["scores"], tile["masks"], strict=True)]
+    assert out["masks"].shape == (len(out["boxes"]), 1, 64, 112) and len(out["boxes"]) > 0
+    assert len(out["boxes"]) <= len(expected)
+    origins = set()
+    for box, score, mask in zip(out["boxes"], out["scores"], out["masks"], strict=True):
+        x0, (tile_box, _, tile_mask) = next(
+            (x0, t) for x0, t in expected if float(t[1]) == pytest.approx(float(score), abs=1e-6)
+            and torch.allclose(t[0] + torch.tensor([x0, 0, x0, 0]), box, atol=1e-4))
+        assert mask[:, :, x0:x0 + 64].equal(tile_mask)  # the tile's mask at the tile's place
+        outside = torch.ones(64, 112, dtype=torch.bool)
+        outside[:, x0:x0 + 64] = False
+        assert mask[0][outside].abs().sum() == 0
+        origins.add(x0)
+    assert origins == {0, 48}  # both tiles' detections came through, the second one shifted
+
+
 # --------------------------------------------------------------------------------------------------
 # Arguments
 
