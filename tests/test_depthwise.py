@@ -50,6 +50,59 @@ def test_depthwise_conv_plain_paths_and_bad_conv():
     with torch.no_grad():  # no autograd: PyTorch's own convolution
         assert torch.equal(depthwise_conv(conv, x), conv(x))
     for bad in (nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, groups=4, stride=2),
-                nn.Conv2d(4, 4, 3, padding="same", groups=4)):
+                nn.Conv2d(4, 4, 3, padding="same", groups=4), nn.Conv2d(4, 4, 3, padding=2, groups=4),
+                nn.Conv2d(4, 4, 2, padding=1, groups=4)):
         with pytest.raises(ValueError, match="depthwise, stride-1"):
             depthwise_conv(bad, x)
+
+
+def test_banded_depthwise_twice_differentiable(monkeypatch):
+    monkeypatch.setattr(_depthwise, "BAND_BYTES", 64)  # several bands
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 3, 3, padding=1, groups=3).double()
+    x = torch.randn(1, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t, w, b: _depthwise._BandedDepthwise.apply(t, w, b, (1, 1)),
+                                        (x, conv.weight, conv.bias))
+
+
+def test_hooks_subclasses_and_transforms_take_the_module_path():
+    """Hooks (pruning, weight norm), Conv2d subclasses and torch.func transforms act through
+    ``conv(x)``: the banded path would skip them, so it is not taken."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 6, 6)
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    calls = []
+    conv.register_forward_hook(lambda *_: calls.append(1))
+    depthwise_conv(conv, x)
+    assert calls == [1]
+
+    pruned = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    prune.l1_unstructured(pruned, "weight", amount=0.5)
+    for _ in range(2):  # the pruned weight is recomputed by its pre-hook every call
+        y = depthwise_conv(pruned, x)
+        torch.testing.assert_close(y, pruned(x))
+        y.sum().backward()
+
+    class Standardised(nn.Conv2d):
+        def forward(self, t):
+            return self._conv_forward(t, self.weight - self.weight.mean((1, 2, 3), keepdim=True), self.bias)
+
+    sub = Standardised(4, 4, 3, padding=1, groups=4)
+    torch.testing.assert_close(depthwise_conv(sub, x), sub(x))
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+
+        def forward(self, t):
+            return depthwise_conv(self.conv, t)
+
+    wrap = Wrap()
+    got = torch.func.grad(lambda p: torch.func.functional_call(wrap, p, (x,)).square().sum())(
+        dict(wrap.named_parameters()))
+    want = torch.autograd.grad(wrap.conv(x).square().sum(), list(wrap.parameters()))
+    for a, b in zip(got.values(), want, strict=True):
+        torch.testing.assert_close(a, b)

@@ -118,45 +118,54 @@ class RowChunks:
     chunks ``index_add`` into one shared buffer, handed to autograd by the last chunk's backward.
 
     Use one instance per source and forward, and take exactly ``chunks`` chunks; every chunk's
-    output must reach the loss (as it does when the chunks are concatenated). Without autograd
-    (no grad, or a source that needs none) it is a plain ``index_select``. Not twice
-    differentiable."""
+    output must reach the loss (as it does when the chunks are concatenated). A backward that
+    builds a graph (``create_graph=True``) gives each chunk its own gradient (differentiable), and
+    a pass that stopped part-way (an error in another node) is discarded when the next begins.
+    Without autograd (no grad, a source that needs none, or inside a ``torch.func`` transform) it
+    is a plain ``index_select``."""
 
     def __init__(self, rows: torch.Tensor, chunks: int) -> None:
         self.rows = rows
-        self.chunks = self.left = chunks
+        self.chunks = chunks
         self.grad: torch.Tensor | None = None
-        self.tracked = chunks > 1 and torch.is_grad_enabled() and rows.requires_grad
+        self.seen: set[int] = set()  # chunks whose gradient is in ``grad`` in this backward pass
+        self.taken = 0
+        self.tracked = (chunks > 1 and torch.is_grad_enabled() and rows.requires_grad
+                        and not torch._C._are_functorch_transforms_active())
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
         """``rows.index_select(0, index)``."""
         if not self.tracked:
             return self.rows.index_select(0, index)
-        return _TakeRows.apply(self.rows, index, self)
+        self.taken += 1
+        return _TakeRows.apply(self.rows, index, self, self.taken - 1)
 
-    def _backward(self, index: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+    def _backward(self, chunk: int, index: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+        if torch.is_grad_enabled():  # building a graph of the backward: one differentiable gradient each
+            return grad.new_zeros(self.rows.shape).index_add(0, index, grad)
+        if chunk in self.seen:  # a new pass over a retained graph after one that stopped part-way
+            self.grad, self.seen = None, set()
         if self.grad is None:
             self.grad = grad.new_zeros(self.rows.shape)
         self.grad.index_add_(0, index, grad)
-        self.left -= 1
-        if self.left:
+        self.seen.add(chunk)
+        if len(self.seen) < self.chunks:
             return None  # no gradient from this chunk yet: it is in the shared buffer
-        grad, self.grad, self.left = self.grad, None, self.chunks  # ready for a retained graph
+        grad, self.grad, self.seen = self.grad, None, set()  # ready for a retained graph
         return grad
 
 
 class _TakeRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, chunks: RowChunks) -> torch.Tensor:
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, chunks: RowChunks, chunk: int) -> torch.Tensor:
         ctx.save_for_backward(index)
-        ctx.chunks = chunks
+        ctx.chunks, ctx.chunk = chunks, chunk
         return rows.index_select(0, index)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
-        return ctx.chunks._backward(index, grad), None, None
+        return ctx.chunks._backward(ctx.chunk, index, grad), None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
