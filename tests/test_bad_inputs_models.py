@@ -247,3 +247,24 @@ def test_fx_traces_blocks_in_a_model(name):
     with torch.no_grad():
         torch.testing.assert_close(traced(x), model(x))
     _same(model, x, "1")
+
+
+@pytest.mark.parametrize(("build", "key", "value", "error"), [
+    (det, "score_thresh", 1.5, ValueError),
+    (det, "nms_thresh", -0.1, ValueError),
+    (det, "score_thresh", float("nan"), ValueError),
+    (det, "score_thresh", "0.5", TypeError),
+    (det, "topk_candidates", 0, ValueError),
+    (det, "detections_per_img", 2.5, TypeError),
+    (frcnn, "box_score_thresh", 2.0, ValueError),
+    (frcnn, "rpn_nms_thresh", 1.1, ValueError),
+    (frcnn, "box_positive_fraction", 1.5, ValueError),
+    (frcnn, "rpn_post_nms_top_n_test", 0, ValueError),
+    (frcnn, "box_detections_per_img", -1, ValueError),
+    (frcnn, "box_batch_size_per_image", 0, ValueError),
+])
+def test_detector_thresholds_and_counts_are_checked(build, key, value, error):
+    """A score/IoU threshold or fraction outside [0, 1], or a count below 1, would make
+    torchvision return no (or every) detection without a word: refused, naming the keyword."""
+    with pytest.raises(error, match=key):
+        build(detector_kwargs={key: value})

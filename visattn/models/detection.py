@@ -20,6 +20,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from .._checks import check_real
 from ..layers._base import MAX_BLOCK_ELEMENTS, check_float, check_int
 from ..registry import create_block, list_blocks
 from .backbone import build_body
@@ -158,9 +159,13 @@ def _detector_keywords(arch: str, detector_kwargs: object, kw: dict) -> dict:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise TypeError(f"{arch}: torchvision's {cls.__name__} takes no keyword argument(s) "
                         f"{', '.join(unknown)}{hint} (it takes: {', '.join(sorted(accepted))})")
-    for key in ("max_size", "detections_per_img", "size_divisible"):
-        if key in merged:
-            check_int(merged[key], key, arch)
+    for key, value in merged.items():
+        if key in ("max_size", "size_divisible") or key.endswith(("detections_per_img", "_top_n_train",
+                                                                   "_top_n_test", "topk_candidates",
+                                                                   "_batch_size_per_image")):
+            check_int(value, key, arch)  # counts: a 0 or negative one would silently yield nothing
+        elif key.endswith(("_thresh", "_fraction")):  # scores, IoUs and fractions live in [0, 1]
+            check_real(f"{arch}: {key}", value, 0.0, 1.0)
     if "min_size" in merged:
         sizes = merged["min_size"]
         for v in (sizes if isinstance(sizes, (tuple, list)) and sizes else [sizes]):
