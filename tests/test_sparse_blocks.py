@@ -455,17 +455,21 @@ def test_quadtree_chunked_levels_equal_one_chunk(variant, monkeypatch):
         with torch.no_grad():
             block.level_weight.copy_(torch.randn(3))
     x = torch.randn(2, 16, 13, 11, dtype=torch.float64, requires_grad=True)
+    _assert_tiny_chunks_change_nothing(block, x, quadtree_mod, monkeypatch)  # one parent per chunk
 
+
+def _assert_tiny_chunks_change_nothing(block, x, module, monkeypatch):
+    """The output and the gradients (input and parameters) of ``block`` with ``module``'s
+    ``GATHER_BYTES`` at 1 (one item per chunk) equal those with the default chunks."""
     def run():
         y = block(x)
-        grads = torch.autograd.grad(y.square().sum(), [x, *block.parameters()])
-        return y, grads
+        return y, torch.autograd.grad(y.square().sum(), [x, *block.parameters()])
 
     y_one, g_one = run()
-    monkeypatch.setattr(quadtree_mod, "GATHER_BYTES", 1)  # one parent per chunk
+    monkeypatch.setattr(module, "GATHER_BYTES", 1)
     y_chunks, g_chunks = run()
     torch.testing.assert_close(y_chunks, y_one, rtol=0, atol=1e-12)
-    for a, b in zip(g_chunks, g_one):
+    for a, b in zip(g_chunks, g_one, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
@@ -479,17 +483,7 @@ def test_deformable_chunked_queries_equal_one_chunk(monkeypatch):
         for p in block.parameters():
             p.add_(0.1 * torch.randn_like(p))  # off the identity init: offsets and weights vary
     x = torch.randn(2, 16, 9, 7, dtype=torch.float64, requires_grad=True)
-
-    def run():
-        y = block(x)
-        return y, torch.autograd.grad(y.square().sum(), [x, *block.parameters()])
-
-    y_one, g_one = run()
-    monkeypatch.setattr(deformable_mod, "GATHER_BYTES", 1)  # one query per chunk
-    y_chunks, g_chunks = run()
-    torch.testing.assert_close(y_chunks, y_one, rtol=0, atol=1e-12)
-    for a, b in zip(g_chunks, g_one):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    _assert_tiny_chunks_change_nothing(block, x, deformable_mod, monkeypatch)  # one query per chunk
 
 
 def test_row_chunks_gradient_equals_index_select():
