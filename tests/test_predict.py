@@ -294,7 +294,7 @@ def test_real_mask_rcnn_masks_shift_to_their_tile():
     assert len(out["boxes"]) <= len(expected)
     origins = set()
     for box, score, mask in zip(out["boxes"], out["scores"], out["masks"], strict=True):
-        x0, (tile_box, _, tile_mask) = next(
+        x0, (_, _, tile_mask) = next(
             (x0, t) for x0, t in expected if float(t[1]) == pytest.approx(float(score), abs=1e-6)
             and torch.allclose(t[0] + torch.tensor([x0, 0, x0, 0]), box, atol=1e-4))
         assert mask[:, :, x0:x0 + 64].equal(tile_mask)  # the tile's mask at the tile's place
@@ -303,6 +303,141 @@ def test_real_mask_rcnn_masks_shift_to_their_tile():
         assert mask[0][outside].abs().sum() == 0
         origins.add(x0)
     assert origins == {0, 48}  # both tiles' detections came through, the second one shifted
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile inputs: images, detector outputs, wrappers
+
+
+@pytest.mark.parametrize(("image", "error", "match"), [
+    (torch.full((3, 32, 32), float("nan")), ValueError, "non-finite"),
+    (torch.rand(3, 32, 32) * 255, ValueError, "divide by 255"),
+    (torch.rand(3, 32, 32) - 0.5, ValueError, "0..1"),
+    (np.random.default_rng(0).integers(0, 256, (32, 32, 3)), TypeError, "uint8, uint16 or float"),
+    (np.random.default_rng(0).random((32, 32, 3)) * 255, ValueError, "divide by 255"),
+])
+def test_bad_images_are_refused(image, error, match):
+    with pytest.raises(error, match=match):
+        sliced_predict(Stub({}), image, slice_size=16)
+
+
+def test_image_dtypes_are_scaled_or_cast():
+    """uint16 arrays scale by 65535; float64 / float16 tensors go in as float32 (the dtype of a
+    float32 detector)."""
+    from visattn.predict import _as_image
+
+    a16 = np.full((4, 4, 3), 65535, dtype=np.uint16)
+    assert float(_as_image(a16).max()) == 1.0
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        assert _as_image(torch.rand(3, 4, 4).to(dtype)).dtype == torch.float32
+
+
+class Raw(torch.nn.Module):
+    """Returns the same output for every input."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+        self.eval()
+
+    def forward(self, images):
+        return [dict(self.out) for _ in images]
+
+
+@pytest.mark.parametrize(("out", "error", "match"), [
+    ({"boxes": torch.zeros(1, 4), "labels": torch.ones(1, dtype=torch.long)}, TypeError, "'scores'"),
+    ({"boxes": torch.zeros(4), "scores": torch.ones(1), "labels": torch.ones(1)}, ValueError, r"\(N, 4\)"),
+    ({"boxes": torch.zeros(2, 4), "scores": torch.ones(1), "labels": torch.ones(2)}, ValueError, r"\(N, 4\)"),
+    ({"boxes": torch.zeros(1, 4), "scores": torch.ones(1), "labels": torch.tensor([1.7])}, ValueError, "whole"),
+    ({"boxes": torch.zeros(1, 4), "scores": torch.ones(1), "labels": torch.ones(1),
+      "masks": torch.zeros(1, 28, 28)}, ValueError, "masks must be"),
+    ({"boxes": np.zeros((1, 4)), "scores": torch.ones(1), "labels": torch.ones(1)}, TypeError, "'boxes'"),
+])
+def test_malformed_detector_outputs_are_named(out, error, match):
+    with pytest.raises(error, match=match):
+        sliced_predict(Raw(out), torch.rand(3, 32, 48), slice_size=32)
+
+
+def test_boxes_are_clipped_to_their_tile_and_empty_mask_outputs_are_fine():
+    out = {"boxes": torch.tensor([[-50.0, -50.0, 500.0, 500.0]]), "scores": torch.ones(1),
+           "labels": torch.ones(1, dtype=torch.long)}
+    res = sliced_predict(Raw(out), torch.rand(3, 32, 48), slice_size=32, full_image=False, merge="nms")
+    assert float(res["boxes"][:, 0].min()) >= 0 and float(res["boxes"][:, 2].max()) <= 48
+    assert float(res["boxes"][:, 1].min()) >= 0 and float(res["boxes"][:, 3].max()) <= 32
+
+    class SomeMasks(torch.nn.Module):  # masks on the first tile only; the other tile finds nothing
+        def forward(self, images):
+            outs = []
+            for i, im in enumerate(images):
+                if i == 0:
+                    outs.append({"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "scores": torch.ones(1),
+                                 "labels": torch.ones(1, dtype=torch.long),
+                                 "masks": torch.ones(1, 1, *im.shape[1:])})
+                else:
+                    outs.append({"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                                 "labels": torch.zeros(0, dtype=torch.long)})
+            return outs
+
+    res = sliced_predict(SomeMasks().eval(), torch.rand(3, 32, 48), slice_size=32, full_image=False)
+    assert res["masks"].shape == (1, 1, 32, 48)
+
+
+def test_native_resize_reaches_a_wrapped_detector():
+    """DetectionModule (or any module holding the detector) gets its tiles at their own size too."""
+    from visattn.lit import DetectionModule
+    from visattn.models import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector("fcos", backbone="resnet10t", num_classes=3, pretrained_backbone=False, fpn_channels=64,
+                           detector_kwargs={"min_size": 64, "max_size": 64}).eval()
+    seen = []
+    model.backbone.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
+    wrapped = DetectionModule(model=model).eval()
+    sliced_predict(wrapped, torch.rand(3, 64, 100), slice_size=(48, 32), full_image=False)
+    assert seen and all(hw == (32, 64) for hw in seen)  # 32x48 tiles, padded to a multiple of 32
+    assert model.transform.min_size == (64,) and model.transform.max_size == 64
+
+
+def test_tiling_limits_and_thin_images():
+    with pytest.raises(ValueError, match="overlap"):
+        sliced_predict(Stub({}), torch.rand(3, 64, 64), slice_size=32, overlap=0.99)
+    from visattn.models import build_detector
+
+    model = build_detector("fcos", backbone="resnet10t", num_classes=3, pretrained_backbone=False, fpn_channels=64,
+                           detector_kwargs={"min_size": 64, "max_size": 64}).eval()
+    with pytest.warns(UserWarning, match="full-image pass is skipped"):
+        out = sliced_predict(model, torch.rand(3, 100, 1), slice_size=64)
+    assert out["boxes"].shape[1] == 4
+
+
+def test_predict_images_takes_dicts_and_arrays_and_thresholds():
+    from visattn.predict import predict_images
+
+    stub = Stub(TILES)
+    image = coded_image()
+    a = predict_images(stub, [image], {"slice_size": SLICE, "full_image": False})
+    b = predict_images(stub, [image], SlicingConfig(slice_size=SLICE, full_image=False))
+    assert as_set(a[0]) == as_set(b[0])
+    high = predict_images(stub, [image], {"slice_size": SLICE, "full_image": False}, score_threshold=0.8)
+    assert as_set(high[0]) == {d for d in as_set(a[0]) if d[1] > 0.8} and as_set(high[0])
+    arr = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert len(predict_images(Raw({"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                                   "labels": torch.zeros(0)}), [arr], None)) == 1
+
+
+def test_merge_predictions_checks_sources_windows_and_margin():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0]])
+    scores, labels = torch.tensor([0.9, 0.8]), torch.tensor([1, 1])
+    kw = {"windows": [[0, 0, 20, 20], [5, 0, 25, 20]], "image_size": (25, 20), "occlusion_safe": True}
+    assert merge_predictions(boxes, scores, labels, sources=[0, 1], **kw)  # lists are fine
+    with pytest.raises(ValueError, match="sources"):
+        merge_predictions(boxes, scores, labels, sources=[0, 1, 1], **kw)
+    with pytest.raises(ValueError, match="sources must index"):
+        merge_predictions(boxes, scores, labels, sources=[0, 2], **kw)
+    with pytest.raises(ValueError, match="seam_margin"):
+        merge_predictions(boxes, scores, labels, sources=[0, 1], seam_margin=-5, **kw)
+    with pytest.raises(ValueError, match="unknown setting"):
+        SlicingConfig.coerce({1: 2, "x": 3})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,4 +526,15 @@ def test_visattn_predict_writes_coco_results(tmp_path, capsys):
     assert main(["predict", "--weights", "fcos_resnet10t_eca.synth256", "--images", str(folder), "--slice", "64",
                  "--overlap", "1.5", "--out", str(bad)]) == 2
     assert "overlap" in capsys.readouterr().err
+    # a slicing option without --slice would be ignored: refused, naming it
+    assert main(["predict", "--weights", "fcos_resnet10t_eca.synth256", "--images", str(folder),
+                 "--overlap", "0.3", "--no-full-image", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "--overlap" in err and "--no-full-image" in err and "--slice" in err
     assert not bad.exists()
+    # --score-threshold also applies to whole images
+    whole = tmp_path / "whole.json"
+    assert main(["predict", "--weights", "fcos_resnet10t_eca.synth256", "--images", str(folder),
+                 "--score-threshold", "0.3", "--out", str(whole)]) == 0
+    scores = [p["score"] for p in json.loads(whole.read_text())]
+    assert scores and min(scores) > 0.3

@@ -54,6 +54,8 @@ def check_output_file(path: str, option: str) -> Path:
     if out.is_dir():
         raise IsADirectoryError(f"{option} {path!r} is a folder; give a file name")
     parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(f"{option} {path!r}: {str(parent)!r} is a file, not a folder")
     if not parent.is_dir():
         raise FileNotFoundError(f"{option} {path!r}: folder {str(parent)!r} does not exist")
     _probe_writable(parent, f"{option} {path!r}")
@@ -189,6 +191,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from ._checks import check_real
     from ._io import atomic_write_json
     from .predict import SlicingConfig, load_detector, predict_folder
 
@@ -202,14 +205,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError("--config goes with --ckpt (published --weights carry their own config)")
     if args.ckpt and not args.config:
         raise ValueError("--ckpt needs --config: the run's config.yaml (lightning_logs/version_N), to build the model")
+    options = {"--overlap": ("overlap", args.overlap), "--merge": ("merge", args.merge),
+               "--match": ("match", args.match), "--threshold": ("threshold", args.threshold),
+               "--batch-size": ("batch_size", args.batch_size),
+               "--no-full-image": ("full_image", None if args.no_full_image is None else False),
+               "--plain-merge": ("occlusion_safe", None if args.plain_merge is None else False)}
+    given = {option: field_value for option, field_value in options.items() if field_value[1] is not None}
+    check_real("--score-threshold", args.score_threshold, 0.0, 1.0, hi_open=True)
     slicing = None
     if args.slice:
-        slicing = SlicingConfig(slice_size=args.slice, overlap=args.overlap, full_image=not args.no_full_image,
-                                merge=args.merge, match=args.match, threshold=args.threshold,
-                                batch_size=args.batch_size, occlusion_safe=not args.plain_merge,
-                                score_threshold=args.score_threshold)
+        slicing = SlicingConfig(slice_size=args.slice, score_threshold=args.score_threshold,
+                                **dict(given.values()))
+    elif given:
+        raise ValueError(f"{', '.join(given)} set(s) how tiles are cut and merged: give --slice PX too "
+                         "(without it the detector runs on whole images)")
     model = load_detector(weights=args.weights, ckpt=args.ckpt, config=args.config)
-    results = predict_folder(model, args.images, slicing=slicing, gt=args.gt)
+    results = predict_folder(model, args.images, slicing=slicing, gt=args.gt, score_threshold=args.score_threshold)
     atomic_write_json(args.out, results)
     images = len({r["image_id"] for r in results})
     print(f"wrote {len(results)} detections on {images} image(s) to {args.out}"
@@ -331,15 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="COCO results JSON to write")
     p.add_argument("--slice", type=_non_negative_int, default=0, metavar="PX",
                    help="tile side in pixels (0: no slicing, the detector as configured)")
-    p.add_argument("--overlap", type=float, default=0.2, help="fraction of a tile shared with its neighbour")
-    p.add_argument("--merge", choices=["nms", "greedy_nmm", "nmm"], default="nms")
-    p.add_argument("--match", choices=["iou", "ios"], default="iou")
-    p.add_argument("--threshold", type=float, default=0.5, help="match threshold of the merge")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="tiles per forward pass")
-    p.add_argument("--score-threshold", type=float, default=0.0, help="drop detections scoring at or below this")
-    p.add_argument("--no-full-image", action="store_true", help="tiles only (no full-image pass for large objects)")
-    p.add_argument("--plain-merge", action="store_true",
-                   help="SAHI's merge rule instead of the occlusion-safe one (may fuse neighbouring occluded objects)")
+    # slicing options: None when not given, so that one given without --slice is an error, not ignored
+    p.add_argument("--overlap", type=float, help="with --slice: fraction of a tile shared with its neighbour "
+                                                 "(default 0.2)")
+    p.add_argument("--merge", choices=["nms", "greedy_nmm", "nmm"], help="with --slice (default nms)")
+    p.add_argument("--match", choices=["iou", "ios"], help="with --slice (default iou)")
+    p.add_argument("--threshold", type=float, help="with --slice: match threshold of the merge (default 0.5)")
+    p.add_argument("--batch-size", type=_positive_int, help="with --slice: tiles per forward pass (default 8)")
+    p.add_argument("--score-threshold", type=float, default=0.0,
+                   help="drop detections scoring at or below this (sliced or not)")
+    p.add_argument("--no-full-image", action="store_true", default=None,
+                   help="with --slice: tiles only (no full-image pass for large objects)")
+    p.add_argument("--plain-merge", action="store_true", default=None,
+                   help="with --slice: SAHI's merge rule instead of the occlusion-safe one (may fuse "
+                        "neighbouring occluded objects)")
     p.set_defaults(fn=_cmd_predict)
 
     p = sub.add_parser("explain", help="attention maps of every block on one image: grid, per-detection "

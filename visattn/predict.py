@@ -44,12 +44,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms, box_iou
 
 from ._checks import check_bool, check_choice, check_int, check_real
@@ -125,7 +127,7 @@ class SlicingConfig:
         if value is None or isinstance(value, cls):
             return value
         if isinstance(value, dict):
-            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+            unknown = sorted(map(repr, set(value) - set(cls.__dataclass_fields__)))
             if unknown:
                 raise ValueError(f"{name}: unknown setting(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
             return cls(**value)
@@ -319,8 +321,19 @@ def merge_predictions(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.T
     if boxes.ndim != 2 or boxes.shape[1] != 4 or scores.shape != (n,) or labels.shape != (n,):
         raise ValueError(f"boxes must be (N, 4) with scores and labels (N,), got {tuple(boxes.shape)}, "
                          f"{tuple(scores.shape)}, {tuple(labels.shape)}")
-    if occlusion_safe and (sources is None or windows is None or image_size is None):
-        raise ValueError("occlusion_safe needs sources, windows and image_size")
+    check_real("seam_margin", seam_margin, 0.0, math.inf, hi_open=True)
+    if occlusion_safe:
+        if sources is None or windows is None or image_size is None:
+            raise ValueError("occlusion_safe needs sources, windows and image_size")
+        sources, windows = torch.as_tensor(sources), torch.as_tensor(windows, dtype=torch.float32)
+        if windows.ndim != 2 or windows.shape[1] != 4:
+            raise ValueError(f"windows must be (S, 4) xyxy, got {tuple(windows.shape)}")
+        if sources.shape != (n,) or sources.is_floating_point():
+            raise ValueError(f"sources must be (N,) ints (one per box), got {tuple(sources.shape)} {sources.dtype}")
+        if n and not (0 <= int(sources.min()) and int(sources.max()) < len(windows)):
+            raise ValueError(f"sources must index windows (0..{len(windows) - 1}), got "
+                             f"{int(sources.min())}..{int(sources.max())}")
+        image_size = _check_size("image_size", tuple(image_size) if isinstance(image_size, list) else image_size)
     if n == 0:
         return []
     boxes, scores, labels = boxes.detach().float().cpu(), scores.detach().float().cpu(), labels.detach().cpu()
@@ -371,34 +384,122 @@ def _sorted(keep: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor) -> li
 # Sliced prediction
 
 
+#: Limits of one image's tiling: more tiles than this, or tiles covering the image more than
+#: ``MAX_COVERAGE`` times over (an overlap near 1), is refused rather than run for hours.
+MAX_TILES = 1_000_000
+MAX_COVERAGE = 64.0
+
+
+def _transforms(detector) -> list:
+    """The resizing transforms of a torchvision-style detector: its own ``transform`` (``min_size``
+    and ``max_size``), else every :class:`GeneralizedRCNNTransform` inside it (a wrapper such as
+    ``DetectionModule`` holds the detector as a submodule)."""
+    t = getattr(detector, "transform", None)
+    if hasattr(t, "min_size") and hasattr(t, "max_size"):
+        return [t]
+    if isinstance(detector, nn.Module):
+        return [m for m in detector.modules() if isinstance(m, GeneralizedRCNNTransform)]
+    return []
+
+
 @contextlib.contextmanager
 def _tile_resolution(detector, size_wh: tuple[int, int], enabled: bool) -> Iterator[None]:
-    """Set a torchvision detector's ``transform`` to keep inputs of ``size_wh`` at their size;
-    restore it afterwards, also on an error. Detectors without such a transform are left alone."""
-    t = getattr(detector, "transform", None)
-    if not enabled or not (hasattr(t, "min_size") and hasattr(t, "max_size")):
-        yield
-        return
-    old = (t.min_size, t.max_size)
-    t.min_size, t.max_size = (min(size_wh),), max(size_wh)  # scale = 1 for a (w, h) input
+    """Set a torchvision detector's resizing transform(s) (its own or, for a wrapper such as
+    ``DetectionModule``, every one inside it) to keep inputs of ``size_wh`` at their size; restore
+    them afterwards, also on an error. A detector without one gets its tiles as they are."""
+    found = _transforms(detector) if enabled else []
+    old = [(t.min_size, t.max_size) for t in found]
+    for t in found:
+        t.min_size, t.max_size = (min(size_wh),), max(size_wh)  # scale = 1 for a (w, h) input
     try:
         yield
     finally:
-        t.min_size, t.max_size = old
+        for t, (lo, hi) in zip(found, old, strict=True):
+            t.min_size, t.max_size = lo, hi
 
 
-def _as_image(image) -> torch.Tensor:
+def _resized_is_empty(detector, height: int, width: int) -> bool:
+    """Whether the detector's own resize would shrink a ``height x width`` image to 0 pixels on a
+    side (a very thin image), as torchvision computes it."""
+    for t in _transforms(detector):
+        scale = min(float(t.min_size[-1]) / min(height, width), float(t.max_size) / max(height, width))
+        if math.floor(height * scale) < 1 or math.floor(width * scale) < 1:
+            return True
+    return False
+
+
+_TOLERANCE = 1e-3  # rounding slack on the 0..1 pixel range
+
+
+def _input_dtype(detector) -> torch.dtype:
+    """The floating dtype of the detector's parameters (float32 for a plain callable)."""
+    if isinstance(detector, nn.Module):
+        for p in detector.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return torch.float32
+
+
+def _as_image(image, name: str = "image", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(3, H, W)`` in 0..1 as ``dtype`` from a tensor or an ``(H, W, 3)`` numpy array (uint8 /
+    uint16 scaled by their range, float taken as 0..1). Non-finite pixels, a float image outside
+    0..1 (e.g. 0..255) and other integer types are errors naming ``name``."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image as a numpy array must be (H, W, 3), got {image.shape}")
+            raise ValueError(f"{name} as a numpy array must be (H, W, 3), got {image.shape}")
         t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        return t.float().div(255.0) if image.dtype == np.uint8 else t.float()
-    if not isinstance(image, torch.Tensor):
-        raise TypeError(f"image must be a (3, H, W) float tensor in 0..1 or an (H, W, 3) numpy array, "
+        if image.dtype in (np.uint8, np.uint16):
+            return t.float().div(255.0 if image.dtype == np.uint8 else 65535.0)
+        if not np.issubdtype(image.dtype, np.floating):
+            raise TypeError(f"{name} as a numpy array must be uint8, uint16 or float in 0..1, got {image.dtype}")
+        image = t
+    elif not isinstance(image, torch.Tensor):
+        raise TypeError(f"{name} must be a (3, H, W) float tensor in 0..1 or an (H, W, 3) numpy array, "
                         f"got {type(image).__name__}")
     if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
-        raise ValueError(f"image must be a (3, H, W) float tensor, got {tuple(image.shape)} {image.dtype}")
-    return image
+        raise ValueError(f"{name} must be a (3, H, W) float tensor, got {tuple(image.shape)} {image.dtype}")
+    image = image.float()
+    if image.numel():
+        if not bool(torch.isfinite(image).all()):
+            raise ValueError(f"{name} has non-finite (NaN or infinite) pixels")
+        low, high = float(image.min()), float(image.max())
+        if low < -_TOLERANCE or high > 1 + _TOLERANCE:
+            hint = " (it looks like 0..255: divide by 255)" if high <= 255 + _TOLERANCE and low >= 0 else ""
+            raise ValueError(f"{name} pixels must be in 0..1, got {low:g}..{high:g}{hint}")
+    return image.to(dtype)
+
+
+def _check_output(out, size_wh: tuple[int, int], has_masks: bool) -> dict:
+    """One detector output in torchvision's format, checked (an error names what is wrong), with
+    its boxes clipped to its ``(w, h)`` input; a mask-less empty output of a mask model gets
+    empty masks."""
+    where = "the detector's output"
+    if not isinstance(out, dict):
+        raise TypeError(f"{where} must be a dict (boxes, scores, labels[, masks]), got {type(out).__name__}")
+    for key in ("boxes", "scores", "labels"):
+        if not isinstance(out.get(key), torch.Tensor):
+            raise TypeError(f"{where} needs {key!r} as a tensor, got {type(out.get(key)).__name__}")
+    boxes, scores, labels = out["boxes"].detach(), out["scores"].detach(), out["labels"].detach()
+    n = boxes.shape[0] if boxes.ndim else -1
+    if boxes.shape != (n, 4) or scores.shape != (n,) or labels.shape != (n,):
+        raise ValueError(f"{where}: boxes must be (N, 4) with scores and labels (N,), got "
+                         f"{tuple(boxes.shape)}, {tuple(scores.shape)}, {tuple(labels.shape)}")
+    if labels.is_floating_point() and not bool((labels == labels.round()).all()):
+        raise ValueError(f"{where}: labels must be whole numbers, got {labels[labels != labels.round()][:3].tolist()}")
+    w, h = size_wh
+    checked = {"boxes": torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
+                                     boxes[:, 3].clamp(0, h)], 1) if n else boxes.reshape(0, 4),
+               "scores": scores, "labels": labels}
+    if has_masks:
+        masks = out.get("masks")
+        if masks is None and n == 0:
+            masks = torch.zeros((0, 1, h, w))
+        if not isinstance(masks, torch.Tensor) or masks.shape != (n, 1, h, w):
+            got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+            raise ValueError(f"{where}: masks must be (N, 1, H, W) = {(n, 1, h, w)} for its {w}x{h} input "
+                             f"(as torchvision's Mask R-CNN returns them), got {got}")
+        checked["masks"] = masks.detach()
+    return checked
 
 
 def _run(detector: Callable, images: list[torch.Tensor]) -> list[dict]:
@@ -460,8 +561,18 @@ def sliced_predict(detector: Callable, image, *, slice_size: int | tuple[int, in
     if isinstance(detector, nn.Module) and detector.training:
         raise ValueError("detector is in training mode; call detector.eval() first (in training mode torchvision "
                          "detectors need targets and return losses)")
-    image = _as_image(image)
+    image = _as_image(image, dtype=_input_dtype(detector))
     _, height, width = image.shape
+    if height == 0 or width == 0:
+        raise ValueError(f"image is empty ({width}x{height} pixels)")
+    tw, th = _check_size("slice_size", cfg.slice_size)
+    steps = [len(tile_starts(length, tile, cfg.overlap)) for length, tile in ((width, tw), (height, th))]
+    count = steps[0] * steps[1]
+    coverage = count * min(tw, width) * min(th, height) / (width * height)
+    if count > MAX_TILES or coverage > MAX_COVERAGE:
+        raise ValueError(f"slice_size {cfg.slice_size} with overlap {cfg.overlap} cuts the {width}x{height} image "
+                         f"into {count} tiles covering it {coverage:.0f} times over (limits: {MAX_TILES} tiles, "
+                         f"{MAX_COVERAGE:.0f}x); use a lower overlap or larger tiles")
     windows = tile_windows(width, height, cfg.slice_size, cfg.overlap)
     tile_wh = (windows[0][2] - windows[0][0], windows[0][3] - windows[0][1])
 
@@ -473,11 +584,17 @@ def sliced_predict(detector: Callable, image, *, slice_size: int | tuple[int, in
             parts += [(start + k, out) for k, out in enumerate(_run(detector, crops))]
     sources_xyxy = list(windows)
     if cfg.full_image and len(windows) > 1:
-        sources_xyxy.append((0, 0, width, height))
-        parts.append((len(windows), _run(detector, [image])[0]))
+        if _resized_is_empty(detector, height, width):
+            warnings.warn(f"full_image: the detector would resize the {width}x{height} image to 0 pixels on a "
+                          "side; the full-image pass is skipped", stacklevel=2)
+        else:
+            sources_xyxy.append((0, 0, width, height))
+            parts.append((len(windows), _run(detector, [image])[0]))
+    has_masks = any(isinstance(out, dict) and "masks" in out for _, out in parts)
+    parts = [(s, _check_output(out, (sources_xyxy[s][2] - sources_xyxy[s][0], sources_xyxy[s][3] - sources_xyxy[s][1]),
+                               has_masks)) for s, out in parts]
 
     boxes, scores, labels, srcs, masks = [], [], [], [], []
-    has_masks = any("masks" in out for _, out in parts)
     for s, out in parts:
         x0, y0 = sources_xyxy[s][:2]
         keep = out["scores"].detach() > cfg.score_threshold
@@ -519,12 +636,24 @@ def sliced_predict(detector: Callable, image, *, slice_size: int | tuple[int, in
 
 
 @torch.no_grad()
-def predict_images(detector: Callable, images: Sequence, slicing: SlicingConfig | None) -> list[dict]:
-    """Predictions for ``images`` (each ``(3, H, W)``): sliced per image with ``slicing``, else one
-    batched forward of the detector as configured."""
+def predict_images(detector: Callable, images: Sequence, slicing: SlicingConfig | dict | None,
+                   score_threshold: float = 0.0) -> list[dict]:
+    """Predictions for ``images`` (each ``(3, H, W)`` in 0..1 or ``(H, W, 3)`` numpy): sliced per
+    image with ``slicing`` (a :class:`SlicingConfig` or a dict of its fields), else one batched
+    forward of the detector as configured. Detections scoring at or below ``score_threshold`` are
+    dropped either way (sliced, ``slicing.score_threshold`` also drops them before merging)."""
+    slicing = SlicingConfig.coerce(slicing)
+    threshold = check_real("score_threshold", score_threshold, 0.0, 1.0, hi_open=True)
+    dtype = _input_dtype(detector)
+    images = [_as_image(im, f"images[{i}]", dtype) for i, im in enumerate(images)]
     if slicing is None:
-        return _run(detector, list(images))
-    return [sliced_predict(detector, im, **slicing.kwargs()) for im in images]
+        outputs = _run(detector, images)
+    else:
+        outputs = [sliced_predict(detector, im, **slicing.kwargs()) for im in images]
+    if threshold > 0:
+        outputs = [{k: (v[out["scores"] > threshold] if isinstance(v, torch.Tensor) and v.ndim and
+                        len(v) == len(out["scores"]) else v) for k, v in out.items()} for out in outputs]
+    return outputs
 
 
 
@@ -558,9 +687,11 @@ def load_detector(*, weights: str | None = None, ckpt=None, config=None) -> nn.M
     return model.eval()
 
 
-def predict_folder(detector: Callable, images, *, slicing: SlicingConfig | None = None, gt=None) -> list[dict]:
+def predict_folder(detector: Callable, images, *, slicing: SlicingConfig | None = None, gt=None,
+                   score_threshold: float = 0.0) -> list[dict]:
     """COCO results (``image_id, category_id, bbox`` xywh, ``score`` [, ``segmentation``]) for the
-    images of a folder, sliced with ``slicing`` (``None``: one forward per image, as configured).
+    images of a folder, sliced with ``slicing`` (``None``: one forward per image, as configured),
+    without the detections scoring at or below ``score_threshold``.
 
     With ``gt`` (a COCO instances file), the images it lists are predicted, with its image ids, and
     labels ``1..K`` map to its category ids in ascending order (as in training); without it, every
@@ -591,7 +722,7 @@ def predict_folder(detector: Callable, images, *, slicing: SlicingConfig | None 
     for image_id, path, info in entries:
         pixels = read_image(path, width=info.get("width"), height=info.get("height"), image_id=image_id)
         tensor = _as_image(pixels if pixels.dtype == np.uint8 else pixels.astype(np.float32))
-        output = predict_images(detector, [tensor], slicing)[0]
+        output = predict_images(detector, [tensor], slicing, score_threshold)[0]
         labels = {int(v) for v in output["labels"].tolist()}
         mapping = to_category if to_category is not None else {v: v for v in labels}
         h, w = tensor.shape[1:]
