@@ -1,6 +1,7 @@
 """The block contract, for every registered block: (N, C, H, W) -> (N, C, H, W), same dtype and
-device, any H, W >= 1 and N >= 1, channels_last, bf16 autocast, gradients, gradcheck,
-torch.compile, clear errors, and the chunked inference path equal to the plain one."""
+device, any H, W >= 1 and N >= 1, channels_last, bf16 autocast, gradients, gradcheck, torch.func (vmap,
+per-sample gradients), torch.compile, clear errors, and the chunked inference path equal to the
+plain one."""
 import pytest
 import torch
 
@@ -119,6 +120,29 @@ def test_gradcheck_float64(name, train):
         return torch.func.functional_call(block, state, (x,))
 
     assert torch.autograd.gradcheck(fn, (x, *params.values()), fast_mode=True)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_torch_func_vmap_and_per_sample_gradients(name):
+    """vmap over a stack of batches equals running them one by one, and per-sample gradients
+    (vmap of grad) add up to the batch gradient. Eval mode: a training BatchNorm updates its
+    buffers in place, which torch.func refuses in any module."""
+    block = randomize_(make(name)).double().eval()
+    x = torch.randn(3, 2, C, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(block)(x), torch.stack([block(b) for b in x]))
+    params = {k: p.detach() for k, p in block.named_parameters()}
+    if not params:
+        return
+    buffers = dict(block.named_buffers())
+
+    def loss(ps, sample):
+        return torch.func.functional_call(block, {**buffers, **ps}, (sample[None],)).square().sum()
+
+    samples = x.flatten(0, 1)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, samples)
+    block(samples).square().sum().backward()
+    for k, p in block.named_parameters():
+        torch.testing.assert_close(per_sample[k].sum(0), p.grad, msg=k)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -25,16 +25,22 @@ ALPHA_MIN = 1.01
 CHUNK_ELEMENTS = 2 ** 22
 
 
+def _fixed_steps() -> bool:
+    """Whether :func:`_threshold` must run a fixed number of steps: under ``torch.compile`` or a
+    ``torch.func`` transform (``vmap``, ``grad``), where a data-dependent stop is not possible."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
 def _max_steps(dtype: torch.dtype) -> int:
     """Most Newton steps of :func:`_threshold`. Eager, it stops as soon as every row's step is
-    below rounding (typically 3-7 steps); under ``torch.compile`` (no data-dependent stop) it runs
-    the fixed ``_COMPILED_STEPS``."""
-    if torch.compiler.is_compiling():
+    below rounding (typically 3-7 steps); under ``torch.compile`` or ``torch.func`` (no
+    data-dependent stop) it runs the fixed ``_COMPILED_STEPS``."""
+    if _fixed_steps():
         return _COMPILED_STEPS[dtype == torch.float64]
     return 60 if dtype == torch.float64 else 40
 
 
-#: Fixed Newton steps under ``torch.compile`` (float32, float64): enough for near-sparsemax heads on
+#: Fixed Newton steps under ``torch.compile`` or ``torch.func`` (float32, float64): enough for near-sparsemax heads on
 #: ~10^4 keys with scores of small spread, the slowest case (the support shrinks over the steps).
 _COMPILED_STEPS = (14, 18)
 
@@ -62,18 +68,22 @@ def _threshold(x: torch.Tensor, alpha: torch.Tensor,
     expo = 1 / am1
     shrink = 2 - alpha  # f^(1 - 1/e)
     tiny, tol = torch.finfo(x.dtype).tiny, 8 * torch.finfo(x.dtype).eps
-    # (..., n) two buffers reused by every step (the scaled scores are recomputed: a cheap pass)
-    y, w = torch.empty_like(x), torch.empty_like(x)
+    # (..., n) two buffers reused by every step (the scaled scores are recomputed: a cheap pass);
+    # none under torch.func, whose vmap has no batching rule for out= (relu_ and clamp_min_ have one)
+    fixed = _fixed_steps()
+    buf_y = buf_w = None
+    if not torch._C._are_functorch_transforms_active():
+        buf_y, buf_w = torch.empty_like(x), torch.empty_like(x)
     for i in range(max_steps):
-        torch.mul(x, am1, out=y).sub_(lo).clamp_(min=0)
-        torch.pow(y, expo, out=w)  # y^e
+        y = torch.mul(x, am1, out=buf_y).sub_(lo).relu_()
+        w = torch.pow(y, expo, out=buf_w)  # y^e
         total = w.sum(-1, keepdim=True)
         if i == max_steps - 1:
             break
         # y^(e-1) on the support, 0 off it (not pow(y, e - 1): 0^0 = 1 at alpha = 2)
-        slope = torch.div(w, y.clamp_(min=tiny), out=y).sum(-1, keepdim=True)  # -phi' / f^(1/e-1)
+        slope = torch.div(w, y.clamp_min_(tiny), out=buf_y).sum(-1, keepdim=True)  # -phi' / f^(1/e-1)
         step = (total - total.pow(shrink)) / slope  # -phi / phi'
-        if not torch.compiler.is_compiling() and bool((step.abs() <= tol * (1 + lo.abs())).all()):
+        if not fixed and bool((step.abs() <= tol * (1 + lo.abs())).all()):
             break
         lo = lo + step
     return lo, total, w
@@ -81,7 +91,10 @@ def _threshold(x: torch.Tensor, alpha: torch.Tensor,
 
 def _probs(x: torch.Tensor, alpha: torch.Tensor, tau: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """``[(alpha - 1) x - tau]_+ ^ (1 / (alpha - 1))`` normalised to sum to one."""
-    return (x * (alpha - 1) - tau).clamp_(min=0).pow_(1 / (alpha - 1)).div_(total)
+    y = (x * (alpha - 1) - tau).relu_()
+    if torch._C._are_functorch_transforms_active():  # vmap has no batching rule for pow_
+        return y.pow(1 / (alpha - 1)).div_(total)
+    return y.pow_(1 / (alpha - 1)).div_(total)
 
 
 def _backward(p: torch.Tensor, dp: torch.Tensor, alpha: torch.Tensor,
@@ -107,12 +120,16 @@ def _backward(p: torch.Tensor, dp: torch.Tensor, alpha: torch.Tensor,
 class _EntmaxBisect(torch.autograd.Function):
     """alpha-entmax over the last dim with the closed-form gradient for ``x`` and ``alpha``."""
 
+    generate_vmap_rule = True  # forward and backward are batchable: vmap and torch.func work
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         _tau, total, w = _threshold(x, alpha, _max_steps(x.dtype))
-        p = w.div_(total)
-        ctx.save_for_backward(p, alpha)
-        return p
+        return w.div_(total)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_backward(output, inputs[1])
 
     @staticmethod
     def backward(ctx, dp: torch.Tensor):
@@ -144,15 +161,23 @@ def entmax_bisect(x: torch.Tensor, alpha: torch.Tensor | float = 1.5) -> torch.T
     return _EntmaxBisect.apply(x, alpha.to(x.dtype))
 
 
+def _query_step(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Queries per chunk: about ``CHUNK_ELEMENTS`` scores ``(B, heads, step, S)`` at a time."""
+    return max(1, CHUNK_ELEMENTS // (q.shape[0] * q.shape[1] * k.shape[2]))
+
+
 class _EntmaxAttention(torch.autograd.Function):
     """``entmax_alpha(q k^T) v`` per head, over chunks of queries; the backward recomputes each
-    chunk's probabilities from the saved thresholds (no L x S matrix is kept for it)."""
+    chunk's probabilities from the saved thresholds (no L x S matrix is kept for it). Returns the
+    output and the thresholds and sums it saves (no gradient)."""
+
+    generate_vmap_rule = True  # forward and backward are batchable: vmap and torch.func work
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # q (B, heads, L, d), already scaled; k, v (B, heads, S, d); alpha (1, heads, 1, 1)
-        b, heads, length, _ = q.shape
-        step = max(1, CHUNK_ELEMENTS // (b * heads * k.shape[2]))
+        length, step = q.shape[2], _query_step(q, k)
         max_steps = _max_steps(q.dtype)
         outs, taus, totals = [], [], []
         for start in range(0, length, step):
@@ -162,14 +187,18 @@ class _EntmaxAttention(torch.autograd.Function):
             taus.append(tau)
             totals.append(total)
         tau, total = torch.cat(taus, 2), torch.cat(totals, 2)  # (B, heads, L, 1)
-        ctx.save_for_backward(q, k, v, alpha, tau, total)
-        ctx.step = step
-        return torch.cat(outs, 2)
+        return torch.cat(outs, 2), tau, total
 
     @staticmethod
-    def backward(ctx, dout: torch.Tensor):
+    def setup_context(ctx, inputs: tuple, output: tuple) -> None:
+        _out, tau, total = output
+        ctx.mark_non_differentiable(tau, total)
+        ctx.save_for_backward(*inputs, tau, total)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor, _d_tau: torch.Tensor, _d_total: torch.Tensor):
         q, k, v, alpha, tau, total = ctx.saved_tensors
-        step = ctx.step
+        step = _query_step(q, k)
         need_alpha = ctx.needs_input_grad[3]
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         d_alpha = torch.zeros_like(alpha)
@@ -245,7 +274,7 @@ class AdaptiveSparseAttention(AttentionBlock):
         if q.dtype in (torch.float16, torch.bfloat16):  # the threshold needs float32 resolution
             q, k, v, alpha = q.float(), k.float(), v.float(), alpha.float()
         with torch.autocast(x.device.type, enabled=False):
-            y = _EntmaxAttention.apply(q, k, v, alpha.to(q.dtype))  # (N, heads, HW, d)
+            y = _EntmaxAttention.apply(q, k, v, alpha.to(q.dtype))[0]  # (N, heads, HW, d)
             if self._capture is not None:
                 self._record(q, k, alpha.to(q.dtype), h, w)
         y = y.transpose(-2, -1).reshape(n, c, h, w).to(x.dtype)
@@ -253,7 +282,7 @@ class AdaptiveSparseAttention(AttentionBlock):
 
     def _weights(self, q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor):
         """Yield ``(start, p)``: the entmax weights ``(N, heads, l, HW)`` of chunks of queries."""
-        step = max(1, CHUNK_ELEMENTS // (q.shape[0] * q.shape[1] * k.shape[2]))
+        step = _query_step(q, k)
         for start in range(0, q.shape[2], step):
             x = q[:, :, start:start + step] @ k.transpose(-2, -1)
             _tau, total, w = _threshold(x, alpha, _max_steps(x.dtype))

@@ -197,7 +197,7 @@ class QuadtreeAttention(AttentionBlock):
             else:
                 msg, idx, score, used, cand = self._fine_level(qkv, ok, idx, score, lvl, last)
             if self.variant == "b":
-                v_map = qkv[..., 2 * c:].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+                v_map = qkv[..., 2 * c:].contiguous().permute(0, 3, 1, 2)  # channels-last memory
                 lepe = depthwise_conv(self.lepe[lvl], v_map).permute(0, 2, 3, 1)  # (N, hl, wl, C)
                 msg = (msg + lepe) * self.level_weight.softmax(0)[lvl]
             acc = msg if acc is None else _add_up2(msg, acc)

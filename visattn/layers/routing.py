@@ -120,7 +120,7 @@ class BiLevelRoutingAttention(AttentionBlock):
         # convolution, whose CPU backward is ~8x faster than the NCHW one
         qkv = self.qkv(x.permute(0, 2, 3, 1))  # (N, H, W, 3C)
         q, k, v = qkv.view(n, h, w, 3, c).unbind(3)  # views; the backward is one stack, no zero fill
-        v_map = v.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        v_map = v.contiguous().permute(0, 3, 1, 2)  # (N, C, H, W) in channels-last memory (vmap-safe)
         lce = depthwise_conv(self.lce, v_map).permute(0, 2, 3, 1)  # (N, H, W, C): unpadded map
         kv = torch.cat([k, v], -1)  # (N, H, W, 2C): one row per region after partitioning
         if hp != h or wp != w:  # pad after the projection, so padded tokens are exact zeros
@@ -147,8 +147,7 @@ class BiLevelRoutingAttention(AttentionBlock):
         mask = None
         if hp != h or wp != w:  # padded keys masked out
             key_ok = valid[idx.view(-1)].view(n * nr, 1, 1, k_top * rr)
-            mask = torch.zeros(key_ok.shape, dtype=qh.dtype, device=x.device)
-            mask = mask.masked_fill_(~key_ok, float("-inf"))
+            mask = qh.new_zeros(key_ok.shape).masked_fill(~key_ok, float("-inf"))
         y, keys = self._attend_in_chunks(qh, kv, mask)  # (N*nr, heads, rr, d)
         if self._capture is not None:
             self._record(qh, keys, mask, idx, valid, (sh, rh, sw, rw), h, w)
