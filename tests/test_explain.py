@@ -406,13 +406,19 @@ def test_cli_explain_writes_grid_crops_and_json(tmp_path, capsys):
     out = tmp_path / "out"
     """The faithfulness test costs 2 (steps + 1) (blocks + seeds) detector passes: skipped here
     (test_deletion_beats_random... covers it; the slow test below runs it through the command)."""
+    (out / "detections").mkdir(parents=True)
+    for name in ("det_00.png", "det_07.png", "det_123.png", "det_keep.png", "notes.txt"):
+        (out / "detections" / name).write_bytes(b"an earlier run")
     rc = main(["explain", "--config", str(_tiny_config(tmp_path)), "--image", str(COCO_IMAGE),
                "--out", str(out), "--top-k", "2", "--query", "100", "200", "--no-faithfulness"])
     assert rc == 0, capsys.readouterr().err
     assert "UNTRAINED" in capsys.readouterr().out
     with Image.open(out / "grid.png") as im:
         assert im.size[0] > 200
-    assert len(list((out / "detections").glob("det_*.png"))) == 2
+    # this run's two crops replace an earlier run's; files not named like ours are kept
+    assert sorted(p.name for p in (out / "detections").iterdir()) == [
+        "det_00.png", "det_01.png", "det_keep.png", "notes.txt"]
+    assert (out / "detections" / "det_00.png").read_bytes() != b"an earlier run"
     summary = json.loads((out / "faithfulness.json").read_text())
     assert len(summary["blocks"]) == 4 and summary["faithfulness"] == {}  # CBAM in each backbone stage
     assert len(summary["detections"]) == 2

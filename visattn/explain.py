@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -913,7 +914,8 @@ def explain_image(model: nn.Module, image: torch.Tensor, out_dir: str | os.PathL
                   query: tuple[float, float] | None = None, steps: int = 8, seeds: int = 3,
                   faithful: bool = True, note: str = "") -> dict[str, Any]:
     """Write ``grid.png`` (all blocks' maps with the detections), ``detections/det_NN.png`` (per
-    detection, its level's maps around the box) and ``faithfulness.json`` for one image.
+    detection, its level's maps around the box; an earlier run's surplus ``det_NN.png`` files are
+    removed) and ``faithfulness.json`` for one image.
 
     Args:
         model: a torchvision detector with visattn blocks.
@@ -937,6 +939,9 @@ def explain_image(model: nn.Module, image: torch.Tensor, out_dir: str | os.PathL
     dets = _explain(model, image, maps, output, geo, top_k, 0.5, 0.0)
     grid = save_grid(image, maps, out / "grid.png", detections=dets, title=note or None)
     crops = save_detection_crops(dets, out / "detections", maps=maps)
+    for stale in set((out / "detections").glob("det_*.png")) - set(crops):  # an earlier run's extras
+        if re.fullmatch(r"det_\d+\.png", stale.name):
+            stale.unlink()
     scores = faithfulness(model, image, maps, steps=steps, seeds=seeds, top_k=top_k) if faithful else {}
     summary = {
         "note": note,
