@@ -255,6 +255,52 @@ def test_masks_are_pasted_at_their_tile_and_merged():
             assert float(mask[0, 60, 245]) == pytest.approx(0.9) and float(mask[0, 60, 265]) == pytest.approx(0.8)
 
 
+class BlobMasks(torch.nn.Module):
+    """Six detections per input, drawn from a generator seeded by the input's size and first
+    pixel: masks of random values on random rectangles (some touching the input's edges, holes
+    inside, one all zero), boxes around them, a few near-duplicates across tiles."""
+
+    def __init__(self):
+        super().__init__()
+        self.eval()
+
+    def forward(self, images):
+        outs = []
+        for im in images:
+            h, w = im.shape[1:]
+            g = torch.Generator().manual_seed(int(float(im[0, 0, 0]) * 1e6) + 7 * h + w)
+            boxes, masks = [], torch.zeros(6, 1, h, w)
+            for i in range(6):
+                x0, y0 = int(torch.randint(0, w - 1, (1,), generator=g)), int(torch.randint(0, h - 1, (1,), generator=g))
+                x1 = w if i == 1 else int(torch.randint(x0 + 1, w + 1, (1,), generator=g))
+                y1 = h if i == 2 else int(torch.randint(y0 + 1, h + 1, (1,), generator=g))
+                if i != 5:  # the last mask stays all zero
+                    masks[i, 0, y0:y1, x0:x1] = torch.rand(y1 - y0, x1 - x0, generator=g) * (
+                        torch.rand(y1 - y0, x1 - x0, generator=g) > 0.3)
+                boxes.append([x0, y0, x1, y1])
+            outs.append({"boxes": torch.tensor(boxes, dtype=torch.float32),
+                         "scores": torch.rand(6, generator=g), "labels": torch.ones(6, dtype=torch.long),
+                         "masks": masks})
+        return outs
+
+
+@pytest.mark.parametrize("merge", ["nms", "greedy_nmm"])
+def test_masks_kept_as_their_nonzero_window_paste_like_whole_masks(merge, monkeypatch):
+    """Tile masks are held as their non-zero window until pasted; the result equals pasting the
+    whole masks, merged ones included."""
+    from visattn import predict
+
+    image = torch.rand(3, 90, 150)
+    kw = {"slice_size": 64, "overlap": 0.3, "merge": merge, "match": "ios", "threshold": 0.3,
+          "max_detections": None, "occlusion_safe": False}
+    got = sliced_predict(BlobMasks(), image, **kw)
+    monkeypatch.setattr(predict, "_nonzero_window", lambda m: (0, 0, m.float()))
+    want = sliced_predict(BlobMasks(), image, **kw)
+    assert len(got["masks"]) == len(want["masks"]) > 20
+    assert got["masks"].equal(want["masks"]) and got["boxes"].equal(want["boxes"])
+    assert bool((want["masks"].flatten(1) == 0).all(1).any())  # an all-zero mask came through
+
+
 @pytest.mark.slow  # a real FCOS; the stub test above checks exact identity in the default run
 def test_real_detector_batch_sizes_agree():
     from visattn.models import build_detector

@@ -510,6 +510,19 @@ def _run(detector: Callable, images: list[torch.Tensor]) -> list[dict]:
     return list(outputs)
 
 
+def _nonzero_window(mask: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """``(dy, dx, window)``: the smallest window ``(1, h, w)`` (float32, CPU, a copy) of a
+    ``(1, H, W)`` mask that holds all its non-zero pixels, and its offset; ``(0, 0, (1, 0, 0))``
+    for an all-zero mask. A detector's masks are zero outside their box, so the window is about the
+    box: pasting it is pasting the whole mask."""
+    on = mask[0] != 0
+    rows, cols = on.any(1).nonzero(), on.any(0).nonzero()  # (k, 1) indices
+    if len(rows) == 0:
+        return 0, 0, torch.zeros((1, 0, 0))
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    return y0, x0, mask[:, y0:y1, x0:x1].float().cpu().clone()
+
+
 @torch.no_grad()
 def sliced_predict(detector: Callable, image, *, slice_size: int | tuple[int, int], overlap: float = 0.2,
                    full_image: bool = True, merge: str = "nms", match: str = "iou", threshold: float = 0.5,
@@ -603,8 +616,8 @@ def sliced_predict(detector: Callable, image, *, slice_size: int | tuple[int, in
         scores.append(out["scores"].detach()[keep].float().cpu())
         labels.append(out["labels"].detach()[keep].cpu().long())
         srcs.append(torch.full((len(b),), s, dtype=torch.long))
-        if has_masks:
-            masks += [(s, m) for m in out["masks"].detach()[keep].float().cpu()]  # (1, th, tw) each
+        if has_masks:  # each kept as its non-zero window only: memory grows with objects, not tiles
+            masks += [(s, *_nonzero_window(m)) for m in out["masks"].detach()[keep]]
     boxes_t, scores_t, labels_t = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
     groups = merge_predictions(boxes_t, scores_t, labels_t, merge=cfg.merge, match=cfg.match,
                                threshold=cfg.threshold, sources=torch.cat(srcs),
@@ -627,10 +640,12 @@ def sliced_predict(detector: Callable, image, *, slice_size: int | tuple[int, in
         full = torch.zeros((len(groups), 1, height, width))
         for r, (k, merged) in enumerate(groups):
             for i in (k, *merged):
-                s, m = masks[i]
+                s, dy, dx, m = masks[i]
                 x0, y0, x1, y1 = sources_xyxy[s]
-                region = full[r, :, y0:y1, x0:x1]  # paste the tile's mask at its place
-                torch.maximum(region, m[:, : y1 - y0, : x1 - x0], out=region)
+                y0, x0 = y0 + dy, x0 + dx  # the window's place in the image, cut to the source
+                m = m[:, : max(0, y1 - y0), : max(0, x1 - x0)]
+                region = full[r, :, y0:y0 + m.shape[1], x0:x0 + m.shape[2]]
+                torch.maximum(region, m, out=region)
         result["masks"] = full
     return result
 
