@@ -78,6 +78,26 @@ def test_routing_equals_masked_full_attention(kw, hw):
     torch.testing.assert_close(block(x), routing_reference(block, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kw,hw", [({"regions": 6, "topk": 40}, (3, 5)), ({"regions": 4, "topk": 3}, (5, 2)),
+                                   ({"region_size": 8, "topk": 2}, (3, 5)), ({"region_size": 4, "topk": 2}, (9, 3))])
+def test_routing_without_padding_only_regions_is_unchanged(kw, hw, monkeypatch):
+    """A grid of S x S regions (or regions of region_size) larger than the map: the regions of
+    padding only are not formed, which changes neither the output nor the gradients."""
+    block = make("routing", heads=2, **kw)
+    x = torch.randn(2, 16, *hw, dtype=torch.float64, requires_grad=True)
+    y = block(x)
+    gx, = torch.autograd.grad(y.square().sum(), x)
+    s = block.regions
+    padded = ((lambda h, w: (s, -(-h // s), s, -(-w // s))) if s else
+              (lambda h, w: (-(-h // block.region_size), block.region_size, -(-w // block.region_size),
+                             block.region_size)))
+    assert padded(*hw) != block.grid(*hw)  # the padded grid has more (or larger) regions
+    monkeypatch.setattr(block, "grid", padded)
+    y_padded = block(x)
+    torch.testing.assert_close(y, y_padded)
+    torch.testing.assert_close(gx, torch.autograd.grad(y_padded.square().sum(), x)[0])
+
+
 def test_routing_all_regions_is_full_attention_plus_lce():
     block = make("routing", regions=3, topk=9, heads=4)
     x = torch.randn(2, 16, 6, 7, dtype=torch.float64)

@@ -55,7 +55,8 @@ class BiLevelRoutingAttention(AttentionBlock):
     linear in the positions ``P = H W``. Sides that are not multiples of the region are
     zero-padded at the bottom/right; padded tokens are never keys, their regions are never
     preferred over real ones, and region means count real tokens only, so the result does not
-    depend on the padding. ``topk`` above the number of regions means all of them: then every
+    depend on the padding. Regions of padding only are not formed (``S`` above a side of the map,
+    or ``region_size`` above the map's side, costs nothing): they would never be attended. ``topk`` above the number of regions means all of them: then every
     token attends to every token and the block is full attention plus the LCE term.
 
     Departure: the token-level softmax uses the per-head scale ``head_dim ** -0.5`` (the authors use
@@ -103,11 +104,11 @@ class BiLevelRoutingAttention(AttentionBlock):
     def grid(self, h: int, w: int) -> tuple[int, int, int, int]:
         """``(sh, rh, sw, rw)``: regions down and across, and the region's height and width in tokens,
         for an ``h x w`` map (the padded map is ``sh * rh`` x ``sw * rw``)."""
-        if self.regions is not None:
+        if self.regions is not None:  # regions of ceil(h / S) tokens; those of padding only dropped
             rh, rw = -(-h // self.regions), -(-w // self.regions)
-            return self.regions, rh, self.regions, rw
-        r = self.region_size
-        return -(-h // r), r, -(-w // r), r
+            return -(-h // rh), rh, -(-w // rw), rw
+        r = self.region_size  # one region down (across) is cut to the map: no rows of padding only
+        return -(-h // r), min(r, h), -(-w // r), min(r, w)
 
     def _forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         n, c, h, w = x.shape
