@@ -82,20 +82,37 @@ def test_routing_equals_masked_full_attention(kw, hw):
                                    ({"region_size": 8, "topk": 2}, (3, 5)), ({"region_size": 4, "topk": 2}, (9, 3))])
 def test_routing_without_padding_only_regions_is_unchanged(kw, hw, monkeypatch):
     """A grid of S x S regions (or regions of region_size) larger than the map: the regions of
-    padding only are not formed, which changes neither the output nor the gradients."""
+    padding only are not formed. Output and gradients equal the masked full attention over the
+    whole padded grid."""
     block = make("routing", heads=2, **kw)
     x = torch.randn(2, 16, *hw, dtype=torch.float64, requires_grad=True)
     y = block(x)
     gx, = torch.autograd.grad(y.square().sum(), x)
-    s = block.regions
-    padded = ((lambda h, w: (s, -(-h // s), s, -(-w // s))) if s else
-              (lambda h, w: (-(-h // block.region_size), block.region_size, -(-w // block.region_size),
-                             block.region_size)))
+    s, r = block.regions, block.region_size
+    padded = (lambda h, w: (s, -(-h // s), s, -(-w // s))) if s else (lambda h, w: (-(-h // r), r, -(-w // r), r))
     assert padded(*hw) != block.grid(*hw)  # the padded grid has more (or larger) regions
     monkeypatch.setattr(block, "grid", padded)
-    y_padded = block(x)
-    torch.testing.assert_close(y, y_padded)
-    torch.testing.assert_close(gx, torch.autograd.grad(y_padded.square().sum(), x)[0])
+    want = routing_reference(block, x)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(gx, torch.autograd.grad(want.square().sum(), x)[0])
+
+
+def test_routing_ranks_regions_in_float32_for_bf16():
+    """Two regions whose affinities differ by 2^-8 tie once rounded to bf16: a bf16 block still
+    routes to the better one (its region means and affinities are computed in float32)."""
+    block = visattn.create_block("routing", 16, region_size=1, topk=2)  # one region per token
+    with torch.no_grad():  # q = k = v = x, no LCE, identity output projection: y = x + attention
+        block.qkv.weight.copy_(torch.eye(16).repeat(3, 1))
+        block.proj.weight.copy_(torch.eye(16))
+        for t in (block.qkv.bias, block.proj.bias, block.lce.weight, block.lce.bias):
+            t.zero_()
+    x = torch.zeros(1, 16, 1, 3)
+    x[0, :2, 0, 0] = torch.tensor([1.0, 1.0])  # the query region; it keeps itself and one other
+    x[0, :2, 0, 1] = torch.tensor([1.0, 0.0])  # affinity 1
+    x[0, :2, 0, 2] = torch.tensor([0.5, 0.5 + 2 ** -8])  # affinity 1 + 2^-8 (bf16 inputs, exact)
+    want = block.double()(x.double())[0, :, 0, 0]
+    got = block.to(torch.bfloat16)(x.to(torch.bfloat16))[0, :, 0, 0]
+    torch.testing.assert_close(got.double(), want, atol=0.01, rtol=0)  # region 1 instead: 0.22 off
 
 
 def test_routing_all_regions_is_full_attention_plus_lce():

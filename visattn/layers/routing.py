@@ -131,14 +131,14 @@ class BiLevelRoutingAttention(AttentionBlock):
         valid = torch.zeros(1, hp, wp, 1, dtype=torch.bool, device=x.device)
         valid[:, :h, :w] = True
         valid = _to_regions(valid, sh, rh, sw, rw).view(nr, rr)  # (nr, rr)
-        count = valid.sum(1).to(q.dtype)  # real tokens per region, 0 for all-padding regions
-
-        # region level: routing by mean query / mean key affinity (no gradient through indices)
-        with torch.no_grad():
-            q_r = q.sum(2) / count.clamp(min=1)[:, None]  # (N, nr, C): padded tokens are zeros
-            k_r = kv[..., :c].sum(2) / count.clamp(min=1)[:, None]
+        # region level: routing by mean query / mean key affinity (no gradient through indices),
+        # in at least float32: bf16 affinities round close regions into ties and flip the choice
+        acc = torch.promote_types(q.dtype, torch.float32)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            count = valid.sum(1).to(acc)[:, None]  # (nr, 1) real tokens per region (every region has some)
+            q_r = q.sum(2, dtype=acc) / count  # (N, nr, C): padded tokens are zeros
+            k_r = kv[..., :c].sum(2, dtype=acc) / count
             logits = (q_r @ k_r.transpose(1, 2)) * c ** -0.5  # (N, nr, nr)
-            logits = logits.masked_fill(count[None, None] == 0, float("-inf"))  # empty regions last
             idx = logits.topk(k_top, -1).indices  # (N, nr, k_top)
 
         # token level: gather the chosen regions' keys/values through one index_select on rows
