@@ -379,6 +379,10 @@ def test_adaptive_sparsity_is_measured_per_head():
         q, k, _ = block._qkv(x)
         p = entmax_bisect(q[:, 1] @ k[:, 1].transpose(-2, -1), 2.0)
     assert abs((p == 0).float().mean().item() - s[1].item()) < 0.02
+    # the forward's dtype rules: a bf16 block measures a bf16 input; a float64 input is named
+    assert block.bfloat16().sparsity(x.bfloat16()).shape == (2,)
+    with pytest.raises(TypeError, match="bfloat16 parameters but got a torch.float64 input"):
+        block.sparsity(x.double())
 
 
 # ---------------------------------------------------------------- shared: gradcheck, compile, capture

@@ -293,8 +293,10 @@ class AdaptiveSparseAttention(AttentionBlock):
         """``(heads,)`` the fraction of query-key weights that are exactly zero, per head, for the
         input ``x`` ``(N, C, H, W)`` (0 for softmax attention; ``1 - 1/HW`` when every query keeps
         one key)."""
-        check_input(x, self.channels, type(self).__name__)
-        q, k, _ = self._qkv(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
+        check_input(x, self.channels, type(self).__name__, self.alpha_logit.dtype)
+        q, k, _ = self._qkv(x)
+        if q.dtype in (torch.float16, torch.bfloat16):  # as the forward: the threshold in float32
+            q, k = q.float(), k.float()
         zeros = torch.zeros(self.heads, device=x.device, dtype=torch.float64)
         alpha = self.alpha.view(1, -1, 1, 1).to(q.dtype)
         for _, p in self._weights(q, k, alpha):
