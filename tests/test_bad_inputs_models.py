@@ -191,6 +191,12 @@ def test_dtype_other_than_parameters_every_block(name):
         b(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts per op, as before
         assert b(x.float()).dtype == torch.float32
+        assert b(x.bfloat16()).dtype == torch.bfloat16
+        assert b.bfloat16()(x.float()).dtype == torch.float32
+        f64, f32, f16 = torch.float64, torch.float32, torch.float16
+        for xd, bd in ((f64, f32), (f32, f64), (f64, f64), (f16, f32), (f32, f16)):
+            with pytest.raises(TypeError, match=rf"{bd} parameters and got a {xd} input under torch.autocast"):
+                b.to(bd)(x.to(xd))  # autocast never casts float64 and some ops refuse float16 + bf16
 
 
 def test_plug_failure_leaves_the_model_untouched():

@@ -99,8 +99,10 @@ def check_input(x: torch.Tensor, channels: int | None, block: str,
     ``channels`` channels (``channels=None`` accepts any count).
 
     With ``param_dtype`` (the block's parameters' dtype), an input of another dtype is a
-    ``TypeError`` outside ``torch.autocast``; under autocast any floating dtype is accepted, as
-    autocast casts per operation (the block returns the input's dtype).
+    ``TypeError`` outside ``torch.autocast``. Under autocast, which casts per operation (the block
+    returns the input's dtype), the input and the parameters must each be float32 or autocast's
+    dtype (a ``TypeError`` otherwise: autocast never casts float64, and some of its ops refuse
+    to mix float16 and bfloat16).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{block} expects a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
@@ -108,11 +110,17 @@ def check_input(x: torch.Tensor, channels: int | None, block: str,
         raise TypeError(
             f"{block} expects a floating-point tensor, got dtype {x.dtype}; convert it first "
             "(an image: x.float() / 255)")
-    if (param_dtype is not None and x.dtype != param_dtype
-            and not torch.is_autocast_enabled(x.device.type)):
-        raise TypeError(
-            f"{block} has {param_dtype} parameters but got a {x.dtype} input; convert one of them "
-            f"(x.to({param_dtype}) or block.to({x.dtype})), or run it under torch.autocast")
+    if param_dtype is not None:
+        if not torch.is_autocast_enabled(x.device.type):
+            if x.dtype != param_dtype:
+                raise TypeError(
+                    f"{block} has {param_dtype} parameters but got a {x.dtype} input; convert one of "
+                    f"them (x.to({param_dtype}) or block.to({x.dtype})), or run it under torch.autocast")
+        elif not {x.dtype, param_dtype} <= {torch.float32, fast := torch.get_autocast_dtype(x.device.type)}:
+            raise TypeError(
+                f"{block} has {param_dtype} parameters and got a {x.dtype} input under "
+                f"torch.autocast(dtype={fast}): both must be torch.float32 or {fast} (autocast never "
+                "casts float64, and some of its ops refuse to mix float16 and bfloat16)")
     if x.ndim != 4:
         raise ValueError(
             f"{block} expects a 4-D tensor of shape (N, C, H, W), got a {x.ndim}-D tensor of shape "
