@@ -254,6 +254,30 @@ def test_quadtree_all_topk_is_full_attention_at_the_finest_level(hw):
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["a", "b"])
+@pytest.mark.parametrize("levels,hw,topk", [(5, (3, 5), 2), (6, (1, 1), 3), (4, (1, 3), 5), (7, (5, 9), 2)])
+def test_quadtree_levels_beyond_the_map_are_not_padded_out(variant, levels, hw, topk, monkeypatch):
+    """More levels than the map needs: the coarser levels are not formed on a padded map (levels=16
+    on a 1x1 map padded it to 32768 x 32768). Output, gradients (the skipped levels' LePE and
+    level weights included) and captured maps equal the computation over the whole padded pyramid."""
+    block = make("quadtree", levels=levels, topk=topk, variant=variant, heads=2)
+    assert block._levels_used(*hw) < levels
+    x = torch.randn(2, 16, *hw, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        block._capture = Capture(query=(0.5, 0.3))
+        y = block(x)
+        maps, block._capture = block._capture.maps, None
+        return y, torch.autograd.grad(y.square().sum(), [x, *block.parameters()]), maps
+
+    y, grads, maps = run()
+    monkeypatch.setattr(block, "_levels_used", lambda h, w: levels)  # the map padded to 2^(levels-1)
+    y_padded, grads_padded, maps_padded = run()
+    torch.testing.assert_close(y, y_padded)
+    torch.testing.assert_close(grads, grads_padded)
+    torch.testing.assert_close(maps, maps_padded)
+
+
 def test_quadtree_arguments():
     with pytest.raises(ValueError, match="one value per level"):
         visattn.create_block("quadtree", 16, levels=3, topk=(2, 2, 2))

@@ -103,7 +103,9 @@ class QuadtreeAttention(AttentionBlock):
     convolutions take their CPU weight gradient over bands of rows
     (:func:`~visattn.layers._depthwise.depthwise_conv`); neither changes the result. Sides that are not multiples of
     ``2^(levels-1)`` are zero-padded at the bottom/right after the projection; coarse tokens average
-    real tokens only, and padded tokens are never keys.
+    real tokens only, and padded tokens are never keys. A map smaller than ``2^(levels-1)`` is padded
+    only to the next power of two: the levels above its 1x1 level would each hold one real token,
+    the map's mean, so they are computed on that token (the same result, at no cost).
 
     Departure from the authors' B: the value pyramid is averaged like the queries and keys (their
     B models downsample values with a small learned conv branch).
@@ -151,11 +153,17 @@ class QuadtreeAttention(AttentionBlock):
         else:
             self.level_weight = self.lepe = None
 
-    def _pyramid(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], int, int]:
+    def _levels_used(self, h: int, w: int) -> int:
+        """The levels an ``h x w`` map is computed with: ``levels``, or fewer when the map is
+        smaller than ``2^(levels-1)``. The coarser levels would each hold one real token, the
+        mean of the whole map, and be padding elsewhere: see :meth:`_forward`."""
+        return min(self.levels, 1 + (max(h, w) - 1).bit_length())
+
+    def _pyramid(self, x: torch.Tensor, levels: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int, int]:
         """Per level (coarsest first): the ``(N, h_l, w_l, 3C)`` q/k/v map and the ``(1, h_l, w_l, 1)``
         count of real input tokens under each token; and the padded finest size."""
         h, w = x.shape[-2:]
-        f = 2 ** (self.levels - 1)
+        f = 2 ** (levels - 1)
         hp, wp = -(-h // f) * f, -(-w // f) * f
         qkv = self.qkv(x.permute(0, 2, 3, 1))  # (N, H, W, 3C)
         if hp != h or wp != w:  # pad after the projection: padded tokens are exact zeros
@@ -163,7 +171,7 @@ class QuadtreeAttention(AttentionBlock):
         count = torch.zeros(1, hp, wp, 1, dtype=qkv.dtype, device=x.device)
         count[:, :h, :w] = 1
         maps, counts = [qkv], [count]
-        for _ in range(self.levels - 1):  # sums of real tokens / their number: means of real tokens
+        for _ in range(levels - 1):  # sums of real tokens / their number: means of real tokens
             counts.append(_pool2(counts[-1]))
             maps.append(_pool2(maps[-1]))
         maps = [m / cnt.clamp(min=1) if i else m for i, (m, cnt) in enumerate(zip(maps, counts))]
@@ -173,22 +181,37 @@ class QuadtreeAttention(AttentionBlock):
         n, c, h, w = x.shape
         heads, d = self.heads, c // self.heads
         scale = 1.0 / math.sqrt(d)
-        maps, counts, hp, wp = self._pyramid(x)
+        used_levels = self._levels_used(h, w)
+        skip = self.levels - used_levels  # coarsest levels not formed: the map is 1x1 before them
+        maps, counts, hp, wp = self._pyramid(x, used_levels)
         record = [] if self._capture is not None else None
         acc = None  # (N, h_l, w_l, C): the message so far, at the current level's resolution
+        if skip and self.variant == "b":
+            # each skipped level is a map whose one real token (the mean of the map, which is the
+            # 1x1 coarsest level formed) attends to itself: its message is that token's value plus
+            # its LePE (3x3 on a map of zeros around it); "a" sends nothing from them (the one key
+            # is always refined further)
+            v_mean = maps[0][..., 2 * c:]  # (N, 1, 1, C)
+            v_map = v_mean.permute(0, 3, 1, 2)
+            lw = self.level_weight.softmax(0)
+            acc = sum((v_mean + depthwise_conv(self.lepe[j], v_map).permute(0, 2, 3, 1)) * lw[j]
+                      for j in range(skip))
+            if record is not None:
+                record += [(j, torch.ones(n, heads, 1, 1, dtype=x.dtype, device=x.device), None, counts[0])
+                           for j in range(skip)]
         idx = score = None
-        for lvl, (qkv, cnt) in enumerate(zip(maps, counts)):
+        for lvl, (qkv, cnt) in enumerate(zip(maps, counts), start=skip):  # lvl: of all ``levels``
             hl, wl = qkv.shape[1:3]
             ok = cnt.view(hl * wl) > 0  # real tokens at this level
             low = torch.finfo(qkv.dtype).min  # finite: a row of masked keys is uniform, never NaN
             last = lvl == self.levels - 1
-            if lvl == 0:  # full attention over the coarsest map
+            if lvl == skip:  # full attention over the coarsest map
                 q, k, v = (_heads(t, heads) for t in qkv.split(c, -1))  # (N, heads, S0, d)
                 s = (q @ k.transpose(-2, -1)) * scale  # (N, heads, S0, S0)
                 a = s.masked_fill(~ok, low).softmax(-1)
                 cand = None
                 if not last:
-                    top = a.topk(min(self.topk[0], a.shape[-1]), -1)
+                    top = a.topk(min(self.topk[lvl], a.shape[-1]), -1)
                     idx, score = top.indices, top.values  # (N, heads, S0, k)
                 used = a
                 if self.variant == "a" and not last:  # coarse message: keys not refined further
@@ -200,9 +223,9 @@ class QuadtreeAttention(AttentionBlock):
                 v_map = qkv[..., 2 * c:].contiguous().permute(0, 3, 1, 2)  # channels-last memory
                 lepe = depthwise_conv(self.lepe[lvl], v_map).permute(0, 2, 3, 1)  # (N, hl, wl, C)
                 msg = (msg + lepe) * self.level_weight.softmax(0)[lvl]
-            acc = msg if acc is None else _add_up2(msg, acc)
+            acc = msg if acc is None else msg + acc if lvl == skip else _add_up2(msg, acc)
             if record is not None:
-                record.append((used, cand, cnt))
+                record.append((lvl, used, cand, cnt))
         if record is not None:
             self._record(record, n, h, w, hp, wp)
         y = self.proj(acc[:, :h, :w])  # (N, H, W, C)
@@ -286,12 +309,12 @@ class QuadtreeAttention(AttentionBlock):
         positions each query stands for, and a coarse key's weight is spread evenly over the real
         input positions under it."""
         level_w = self.level_weight.detach().softmax(0) if self.variant == "b" else None
-        received = torch.zeros(n, hp, wp, device=record[0][0].device)
+        received = torch.zeros(n, hp, wp, device=record[0][1].device)
         qi = self._capture.query_index(h, w)
         query = torch.zeros_like(received) if qi is not None else None
         valid = torch.zeros(hp, wp, device=received.device)
         valid[:h, :w] = 1
-        for lvl, (used, cand, cnt) in enumerate(record):
+        for lvl, used, cand, cnt in record:
             hl, wl = cnt.shape[1:3]
             f = hp // hl
             used = used.detach().float() * (1.0 if level_w is None else float(level_w[lvl]))
