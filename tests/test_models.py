@@ -59,9 +59,9 @@ def test_detector_train_and_eval(arch, backbone, attention):
     if attention:
         assert len(blends) > 4  # backbone + every FPN level
         assert all(b.gate.grad is not None for b in blends)
-        # every backbone gate and the large FPN levels learn (a 1x1 top level under FCOS's
-        # GroupNorm with one channel per group passes no gradient at this tiny input size)
-        assert all(b.gate.grad.abs() > 0 for b in blends[:-2])
+        # every gate learns, the 1x1 top levels' too (FCOS's head normalises them with two
+        # channels per group at fpn_channels=32; one, as in torchvision, passes no gradient)
+        assert all(b.gate.grad.abs() > 0 for b in blends)
     else:
         assert not blends
     model.eval()
@@ -73,6 +73,19 @@ def test_detector_train_and_eval(arch, backbone, attention):
         assert set(o) == keys
         assert o["boxes"].shape[1] == 4 and len(o["labels"]) == len(o["scores"])
         assert (o["labels"] >= 1).all() and (o["labels"] <= 3).all() if len(o["labels"]) else True
+
+
+def test_fcos_at_32_channels_predicts_a_single_small_image():
+    """torchvision's FCOS head has GroupNorm(32) everywhere: at 32 channels one value per group on
+    the 1x1 top levels, which group_norm refuses for a single image. It gets 16 groups there."""
+    model = _tiny("fcos", "resnet10t").eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 20, 30)])  # resized to 64 x 96: P6 and P7 are 1x1
+    assert len(out) == 1 and out[0]["boxes"].shape[1] == 4
+    norms = [m for m in model.head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 16 for m in norms)
+    wide = build_detector("fcos", backbone="resnet10t", num_classes=3, fpn_channels=64)
+    assert all(m.num_groups == 32 for m in wide.head.modules() if isinstance(m, torch.nn.GroupNorm))
 
 
 def _train_block_in(block: str, archs, segmenter_archs) -> None:

@@ -228,6 +228,8 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
         aspect_ratios: anchor aspect ratios of every level (default ``(0.5, 1.0, 2.0)``); not for
             FCOS, which has no anchor boxes (giving any other than ``(1.0,)`` is an error).
         fpn_channels: FPN width, 1..2048 (256 in torchvision; 64-128 trains much faster on CPU).
+            FCOS needs a multiple of 32; at 32 its head's GroupNorms get 16 groups instead of
+            torchvision's 32 (one channel per group cannot normalise the 1x1 top levels).
         detector_kwargs, **kw: passed to the torchvision class (``min_size``, ``max_size``,
             ``box_score_thresh``, ``detections_per_img``, ...); configs use ``detector_kwargs``.
             Each keyword is checked against the signatures of the torchvision class and of its
@@ -292,4 +294,20 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
         kw["rpn_anchor_generator"] = anchors
     else:
         kw["anchor_generator"] = anchors
-    return _CLASSES[arch](neck, num_classes=classes, **kw)
+    model = _CLASSES[arch](neck, num_classes=classes, **kw)
+    if arch == "fcos" and fpn_channels < 64:
+        _fcos_head_groups(model.head, fpn_channels // 2)
+    return model
+
+
+def _fcos_head_groups(head: nn.Module, groups: int) -> None:
+    """Give every ``GroupNorm`` of a torchvision FCOS head ``groups`` groups (fresh, at its init).
+    Its own 32 groups on 32 channels are one channel each: a 1x1 map (P7 of any image resized to
+    <= 128 px, P6 at <= 64 px) then has one value per group, which ``group_norm`` refuses with a
+    single image ("Expected more than 1 value per channel") and maps to its bias in a batch."""
+    for parent in list(head.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.GroupNorm):
+                setattr(parent, name, nn.GroupNorm(groups, child.num_channels, eps=child.eps,
+                                                   affine=child.affine, device=child.weight.device,
+                                                   dtype=child.weight.dtype))
