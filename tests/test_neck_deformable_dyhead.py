@@ -213,3 +213,42 @@ def test_options_reach_the_modules():
     assert len(deform.layers) == 2 and deform.layers[0].attn.points == 3 and deform.layers[0].attn.levels == 5
     assert len(dyhead.blocks) == 3
     assert all(b.block.conv.kernel_size == (5,) for b in eca)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch padding: Deformable DETR's valid ratios and padding mask
+
+
+def test_deformable_encoder_output_does_not_depend_on_batch_padding():
+    """An image's levels padded (with anything) to a larger batch, with its valid fractions, give
+    the same output on its own positions as the levels alone: positions and references are
+    fractions of the valid region, padded values are zero as off the map."""
+    torch.manual_seed(0)
+    enc = _opened(randomize_(DeformableEncoder(16, 3, heads=2, points=2, blocks=2), scale=0.3)).double()
+    own = [(8, 12), (4, 6), (2, 3)]
+    alone = [torch.randn(1, 16, h, w, dtype=torch.float64) for h, w in own]
+    padded = [torch.randn(2, 16, 16 >> lvl, 16 >> lvl, dtype=torch.float64) * 9 for lvl in range(3)]
+    for a, p in zip(alone, padded, strict=True):
+        p[:1, :, :a.shape[2], :a.shape[3]] = a
+    valid = torch.tensor([[12 / 16, 8 / 16], [1.0, 1.0]])  # (width, height); the second image fills it
+    want = enc(alone)
+    got = enc(padded, valid)
+    for g, a, w in zip(got, alone, want, strict=True):
+        torch.testing.assert_close(g[:1, :, :a.shape[2], :a.shape[3]], w)
+    full = [p[1:] for p in padded]  # a batch-mate that fills the batch is unchanged by the padding rule
+    for g, f in zip(got, enc(full), strict=True):
+        torch.testing.assert_close(g[1:], f)
+    for g, w in zip(enc(alone, torch.ones(1, 2)), want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_detector_passes_each_image_s_valid_region_to_the_encoder():
+    model = _det(neck_attention="deformable", min_size=64, max_size=128).eval()
+    seen = []
+    encoder = model.backbone.attention[0]
+    encoder.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    with torch.no_grad():
+        model([torch.rand(3, 64, 64), torch.rand(3, 64, 128)])  # padded to 64 x 128
+        model.backbone(torch.rand(1, 3, 64, 64))  # the neck on its own: no padding known
+    torch.testing.assert_close(seen[0], torch.tensor([[0.5, 1.0], [1.0, 1.0]]))
+    assert seen[1] is None

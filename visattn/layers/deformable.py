@@ -160,7 +160,8 @@ class MultiScaleDeformableAttention(nn.Module):
 
         Args:
             query: ``(N, Q, C)``.
-            reference: ``(Q, 2)`` or ``(N, Q, 2)`` reference points, ``(x, y)`` fractions.
+            reference: ``(Q, 2)`` or ``(N, Q, 2)`` reference points, ``(x, y)`` fractions, the same
+                on every level; or ``(N, Q, levels, 2)``, one per level.
             shapes: ``(H_l, W_l)`` of each level.
 
         Returns:
@@ -174,21 +175,25 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = logits.softmax(-1).view(n, q, m, lv, p)
         size = torch.tensor([[w, h] for h, w in shapes], device=query.device)  # (levels, 2) as (W, H)
         dtype = torch.promote_types(offsets.dtype, torch.float32)
-        ref = reference.to(dtype).reshape(-1, q, 1, 1, 1, 2)
+        per_level = reference.ndim == 4  # (N, Q, levels, 2)
+        ref = reference.to(dtype).reshape(-1, q, 1, lv if per_level else 1, 1, 2)
         locations = ref + offsets.to(dtype) / size.to(dtype)[:, None, :]  # (N, Q, heads, levels, points, 2)
         return locations, weights
 
     def forward(self, query: torch.Tensor, reference: torch.Tensor, value: torch.Tensor,
-                shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
+                shapes: Sequence[tuple[int, int]], padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attend from ``query`` to the levels of ``value``.
 
         Args:
             query: ``(N, Q, C)`` query features (with their position embedding added).
             reference: ``(Q, 2)`` or ``(N, Q, 2)`` reference points, ``(x, y)`` fractions of the
-                width and height, the same on every level.
+                width and height, the same on every level; or ``(N, Q, levels, 2)``, one per
+                level (the authors' form, for maps padded differently per image).
             value: ``(N, S, C)`` the levels' positions, flattened row-major and concatenated
                 (``S = sum H_l * W_l``).
             shapes: ``(H_l, W_l)`` of each of the ``levels`` maps, as Python ints.
+            padding_mask: ``(N, S)`` bool, ``True`` at positions that are batch padding: their
+                projected values are zero, as off the map (the authors' ``input_padding_mask``).
 
         Returns:
             ``(N, Q, C)``.
@@ -202,7 +207,10 @@ class MultiScaleDeformableAttention(nn.Module):
             raise ValueError(f"{type(self).__name__}: value has {s} positions, shapes {list(shapes)} "
                              f"(built for {self.levels} levels)")
         d = c // self.heads
-        v = self.value_proj(value).view(n, s, self.heads, d)
+        v = self.value_proj(value)
+        if padding_mask is not None:
+            v = v.masked_fill(padding_mask[..., None], 0.0)
+        v = v.view(n, s, self.heads, d)
         maps, start = [], 0
         for h, w in shapes:  # (N*heads, D, H_l, W_l)
             maps.append(v[:, start:start + h * w].permute(0, 2, 3, 1).reshape(n * self.heads, d, h, w))
@@ -215,8 +223,8 @@ class MultiScaleDeformableAttention(nn.Module):
             step = max(1, GATHER_BYTES // (n * per_query))
         outs = []
         for start in range(0, q, step):  # queries in cache-sized chunks; each query's result is the same
-            locations, weights = self.sampling(query[:, start:start + step],
-                                               reference[..., start:start + step, :], shapes)
+            ref = reference[:, start:start + step] if reference.ndim == 4 else reference[..., start:start + step, :]
+            locations, weights = self.sampling(query[:, start:start + step], ref, shapes)
             out = deformable_sample(maps, locations, weights).to(v.dtype)  # (N, C, Q')
             outs.append(self.output_proj(out.transpose(1, 2)))  # (N, Q', C)
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)

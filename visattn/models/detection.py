@@ -295,6 +295,8 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
     else:
         kw["anchor_generator"] = anchors
     model = _CLASSES[arch](neck, num_classes=classes, **kw)
+    if "deformable" in neck_names:  # the encoder masks each image's padding: it needs the sizes
+        model.transform.register_forward_hook(neck.note_images)
     if arch == "fcos" and fpn_channels < 64:
         _fcos_head_groups(model.head, fpn_channels // 2)
     return model

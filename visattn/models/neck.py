@@ -280,20 +280,20 @@ class DynamicHead(nn.Module):
 # Deformable DETR's encoder across the pyramid
 
 
-def sine_positions(h: int, w: int, dim: int, *, device=None, dtype=None,
-                   temperature: float = 10000.0) -> torch.Tensor:
-    """``(h * w, dim)`` sine position encoding of the pixel centres in normalised coordinates
-    (``2 pi (i + 0.5) / h``), as DETR's ``normalize=True``: the same point of the image gets the
-    same code on every level. Half the channels encode y, half x (sin and cos interleaved by
-    frequency blocks); ``dim`` not divisible by 4 leaves the last channels zero."""
+def sine_positions(points: torch.Tensor, dim: int, *, dtype=None, temperature: float = 10000.0) -> torch.Tensor:
+    """``(..., dim)`` sine position encoding of ``points`` ``(..., 2)``, ``(x, y)`` fractions of the
+    image's (unpadded) width and height, scaled by ``2 pi`` as DETR's ``normalize=True``: the same
+    point of the image gets the same code on every level. Half the channels encode y, half x (sin
+    and cos interleaved by frequency blocks); ``dim`` not divisible by 4 leaves the last channels
+    zero."""
     quarter = dim // 4
-    out = torch.zeros(h * w, dim, device=device, dtype=torch.float32)
+    out = points.new_zeros(*points.shape[:-1], dim, dtype=torch.float32)
     if quarter:
-        omega = 1.0 / temperature ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
-        ref = reference_points(h, w, device=device) * (2 * math.pi)  # (HW, 2) as (x, y)
-        ay = ref[:, 1:] * omega  # (HW, quarter)
-        ax = ref[:, :1] * omega
-        out[:, :4 * quarter] = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], 1)
+        omega = 1.0 / temperature ** (torch.arange(quarter, device=points.device, dtype=torch.float32) / quarter)
+        ref = points.float() * (2 * math.pi)
+        ay = ref[..., 1:] * omega  # (..., quarter)
+        ax = ref[..., :1] * omega
+        out[..., :4 * quarter] = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], -1)
     return out.to(dtype or torch.get_default_dtype())
 
 
@@ -320,10 +320,10 @@ class _EncoderLayer(LevelAttention):
         self.norm2 = nn.LayerNorm(channels)
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, ref: torch.Tensor,
-                shapes: list[tuple[int, int]]) -> torch.Tensor:
+                shapes: list[tuple[int, int]], padding: torch.Tensor | None = None) -> torch.Tensor:
         if self._capture is not None:
             self._record(tokens + pos, ref, shapes)
-        tokens = self.norm1(tokens + self.attn(tokens + pos, ref, tokens, shapes))
+        tokens = self.norm1(tokens + self.attn(tokens + pos, ref, tokens, shapes, padding))
         return self.norm2(tokens + self.ffn(tokens))
 
     @torch.no_grad()
@@ -356,6 +356,15 @@ class DeformableEncoder(nn.Module):
     paper: 6), each behind a zero-initialised gate ``t + g * (layer(t) - t)``, so the module starts as
     the identity. Time and memory are linear in the number of positions.
 
+    Images batched with larger ones are padded at the bottom/right; given ``valid`` (each image's
+    width and height as fractions of the padded batch), the encoder does what the authors do with
+    their padding mask: positions and reference points are fractions of each image's own valid
+    region on every level (``ceil(fraction * side)`` positions, as their nearest-resized mask), one
+    reference per level, and padded positions give zero values, as off the map. An image's
+    output on its own positions then does not depend on what it is batched with (exactly, when
+    its padded levels are its own levels plus padding; the FPN's convolutions still see the
+    padding near the border). :class:`FPNNeck` passes ``valid`` from the detector's transform.
+
     Args:
         channels: FPN width.
         num_levels: pyramid levels.
@@ -377,20 +386,46 @@ class DeformableEncoder(nn.Module):
         self.level_embed = nn.Parameter(torch.randn(num_levels, channels))
         self.gates = nn.Parameter(torch.zeros(blocks))
 
-    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, feats: list[torch.Tensor], valid: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``feats``: the levels ``(N, C, H_l, W_l)``; ``valid``: ``(N, 2)`` each image's ``(width,
+        height)`` as fractions in ``(0, 1]`` of the padded batch (``None``: no padding)."""
         _check_levels(self, feats)
         n, c = feats[0].shape[:2]
         shapes = [(f.shape[-2], f.shape[-1]) for f in feats]
         tokens = torch.cat([f.flatten(2) for f in feats], 2).transpose(1, 2)  # (N, S, C)
-        dd = {"device": tokens.device, "dtype": tokens.dtype}
-        pos = torch.cat([sine_positions(h, w, c, **dd) + self.level_embed[lvl].to(tokens.dtype)
-                         for lvl, (h, w) in enumerate(shapes)])  # (S, C)
+        level = torch.cat([torch.full((h * w,), lvl, device=tokens.device)
+                           for lvl, (h, w) in enumerate(shapes)])  # (S,) level of each position
         ref = torch.cat([reference_points(h, w, device=tokens.device) for h, w in shapes])  # (S, 2)
+        padding = None
+        if valid is not None:  # (N, S, 2) in each image's valid region, (N, S, L, 2), (N, S)
+            points, ref, padding = self._valid_references(ref, level, shapes, valid)
+        else:
+            points = ref  # (S, 2)
+        pos = sine_positions(points, c, dtype=tokens.dtype) + self.level_embed.to(tokens.dtype)[level]
         for layer, gate in zip(self.layers, self.gates, strict=True):
-            new = layer(tokens, pos, ref, shapes).to(tokens.dtype)
+            new = layer(tokens, pos, ref, shapes, padding).to(tokens.dtype)
             tokens = tokens + gate.to(tokens.dtype) * (new - tokens)
         maps = tokens.transpose(1, 2).split([h * w for h, w in shapes], 2)  # each (N, C, H_l*W_l)
         return [m.reshape(n, c, h, w) for m, (h, w) in zip(maps, shapes, strict=True)]
+
+    @staticmethod
+    def _ratios(shapes: list[tuple[int, int]], valid: torch.Tensor) -> torch.Tensor:
+        """``(N, L, 2)`` each image's valid ``(width, height)`` on each level as a fraction of the
+        level: ``ceil(valid * side) / side`` (at least one position)."""
+        sides = torch.tensor([[w, h] for h, w in shapes], device=valid.device, dtype=torch.float64)  # (L, 2)
+        count = (valid.double()[:, None] * sides).sub(1e-9).ceil().clamp(min=1)  # exact products stay
+        return (torch.minimum(count, sides) / sides).float()
+
+    def _valid_references(self, ref: torch.Tensor, level: torch.Tensor, shapes: list[tuple[int, int]],
+                          valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From the positions' centres ``ref`` ``(S, 2)`` (fractions of their padded level) and the
+        images' ``valid`` fractions: the centres as fractions of each image's valid region
+        ``(N, S, 2)``, the reference points on every level ``(N, S, L, 2)`` (fractions of the
+        padded levels) and the padding mask ``(N, S)`` (see the class docstring)."""
+        ratios = self._ratios(shapes, valid)  # (N, L, 2)
+        own = ratios[:, level]  # (N, S, 2): the valid fraction of each position's own level
+        points = ref[None] / own
+        return points, points[:, :, None] * ratios[:, None], (ref[None] > own).any(-1)
 
 
 #: Attentions across all pyramid levels, by their ``neck_attention`` name: built as
@@ -425,6 +460,7 @@ class FPNNeck(nn.Module):
         self.fpn = FeaturePyramidNetwork(list(body.channels), out_channels, extra_blocks=extra_blocks)
         self.out_channels = out_channels
         self.num_levels = len(body.channels) + num_extra
+        self._images: tuple | None = None  # noted by note_images, taken by forward
         self.attention = nn.ModuleList()
         neck_kwargs = neck_kwargs or {}
         for name in attention:
@@ -437,11 +473,30 @@ class FPNNeck(nn.Module):
                     Blend(create_block(name, out_channels, **kwargs)) for _ in range(self.num_levels)))
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        valid = self._take_valid(x)
         feats = self.fpn(self.body(x))
         names, levels = list(feats.keys()), list(feats.values())
         for attn in self.attention:
             if isinstance(attn, nn.ModuleList):  # one block per level
                 levels = [blk(f) for blk, f in zip(attn, levels, strict=True)]
+            elif isinstance(attn, DeformableEncoder):  # uses the images' valid regions
+                levels = attn(levels, valid)
             else:  # one module across the levels
                 levels = attn(levels)
         return OrderedDict(zip(names, levels, strict=True))
+
+    def note_images(self, _module: nn.Module, _args: tuple, output: tuple) -> None:
+        """Forward hook for the detector's transform: remember the batch's padded shape and image
+        sizes for the next :meth:`forward` (see :meth:`_take_valid`)."""
+        images = output[0]
+        self._images = (tuple(images.tensors.shape), [tuple(s) for s in images.image_sizes])
+
+    def _take_valid(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``(N, 2)`` each image's ``(width, height)`` as fractions of ``x``, from the sizes noted by
+        :meth:`note_images` for a batch of exactly ``x``'s shape (taken once); ``None`` otherwise
+        (the neck called on its own: no padding)."""
+        noted, self._images = self._images, None
+        if noted is None or noted[0] != tuple(x.shape):
+            return None
+        hp, wp = x.shape[-2:]
+        return torch.tensor([[w / wp, h / hp] for h, w in noted[1]], device=x.device)
