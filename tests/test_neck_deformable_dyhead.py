@@ -3,6 +3,9 @@ encoder) and ``"dyhead"`` (DyHead): identity at initialisation, every parameter 
 float64 gradcheck, graph capture, a detector training step, and option checks. Each config
 (configs/fcos_deformable.yaml, configs/fcos_dyhead.yaml) runs with ``fast_dev_run`` in
 test_train.py::test_every_config_fast_dev_run."""
+import threading
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -250,5 +253,29 @@ def test_detector_passes_each_image_s_valid_region_to_the_encoder():
     with torch.no_grad():
         model([torch.rand(3, 64, 64), torch.rand(3, 64, 128)])  # padded to 64 x 128
         model.backbone(torch.rand(1, 3, 64, 64))  # the neck on its own: no padding known
-    torch.testing.assert_close(seen[0], torch.tensor([[0.5, 1.0], [1.0, 1.0]]))
+    torch.testing.assert_close(seen[0], torch.tensor([[0.5, 1.0], [1.0, 1.0]], dtype=torch.float64))
     assert seen[1] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_valid_fractions_that_round_keep_their_exact_counts(dtype):
+    """0.3 of 40 positions is 12 although 0.3 rounds up in float32: no 13th column."""
+    shapes = [(10, 40), (5, 20), (3, 10)]
+    ratios = DeformableEncoder._ratios(shapes, torch.tensor([[0.3, 0.7]], dtype=dtype))
+    counts = ratios[0] * torch.tensor([[w, h] for h, w in shapes])
+    torch.testing.assert_close(counts, torch.tensor([[12.0, 7.0], [6.0, 4.0], [3.0, 3.0]]))
+
+
+def test_noted_image_sizes_are_per_thread_and_taken_once():
+    neck = _det(neck_attention="deformable").backbone
+    x = torch.zeros(2, 3, 64, 96)
+    noted = (SimpleNamespace(tensors=x, image_sizes=[(64, 96), (32, 48)]), None)
+    other = threading.Thread(target=neck.note_images, args=(None, (), noted))
+    other.start()
+    other.join()
+    assert neck._take_valid(x) is None  # another thread's batch
+    neck.note_images(None, (), noted)
+    assert neck._take_valid(torch.zeros(2, 3, 64, 64)) is None  # not this batch's shape; dropped
+    neck.note_images(None, (), noted)
+    torch.testing.assert_close(neck._take_valid(x), torch.tensor([[1.0, 1.0], [0.5, 0.5]], dtype=torch.float64))
+    assert neck._take_valid(x) is None  # taken once

@@ -23,6 +23,7 @@ keys of :mod:`visattn.layers._capture`; with ``_capture`` at ``None`` (always, o
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -413,7 +414,9 @@ class DeformableEncoder(nn.Module):
         """``(N, L, 2)`` each image's valid ``(width, height)`` on each level as a fraction of the
         level: ``ceil(valid * side) / side`` (at least one position)."""
         sides = torch.tensor([[w, h] for h, w in shapes], device=valid.device, dtype=torch.float64)  # (L, 2)
-        count = (valid.double()[:, None] * sides).sub(1e-9).ceil().clamp(min=1)  # exact products stay
+        # a product that is an integer but for the fractions' rounding stays that integer
+        slack = 4 * torch.finfo(valid.dtype).eps * sides
+        count = (valid.double()[:, None] * sides - slack).ceil().clamp(min=1)
         return (torch.minimum(count, sides) / sides).float()
 
     def _valid_references(self, ref: torch.Tensor, level: torch.Tensor, shapes: list[tuple[int, int]],
@@ -460,7 +463,8 @@ class FPNNeck(nn.Module):
         self.fpn = FeaturePyramidNetwork(list(body.channels), out_channels, extra_blocks=extra_blocks)
         self.out_channels = out_channels
         self.num_levels = len(body.channels) + num_extra
-        self._images: tuple | None = None  # noted by note_images, taken by forward
+        # per thread (replicas of nn.DataParallel share it): noted by note_images, taken by forward
+        self._images: dict[int, tuple] = {}
         self.attention = nn.ModuleList()
         neck_kwargs = neck_kwargs or {}
         for name in attention:
@@ -487,16 +491,18 @@ class FPNNeck(nn.Module):
 
     def note_images(self, _module: nn.Module, _args: tuple, output: tuple) -> None:
         """Forward hook for the detector's transform: remember the batch's padded shape and image
-        sizes for the next :meth:`forward` (see :meth:`_take_valid`)."""
+        sizes for this thread's next :meth:`forward` (see :meth:`_take_valid`)."""
         images = output[0]
-        self._images = (tuple(images.tensors.shape), [tuple(s) for s in images.image_sizes])
+        self._images[threading.get_ident()] = (tuple(images.tensors.shape),
+                                               [tuple(s) for s in images.image_sizes])
 
     def _take_valid(self, x: torch.Tensor) -> torch.Tensor | None:
         """``(N, 2)`` each image's ``(width, height)`` as fractions of ``x``, from the sizes noted by
-        :meth:`note_images` for a batch of exactly ``x``'s shape (taken once); ``None`` otherwise
-        (the neck called on its own: no padding)."""
-        noted, self._images = self._images, None
+        :meth:`note_images` in this thread for a batch of exactly ``x``'s shape (taken once);
+        ``None`` otherwise (the neck called on its own: no padding). Float64: fractions such as
+        0.3 must give exact products with the levels' sides."""
+        noted = self._images.pop(threading.get_ident(), None)
         if noted is None or noted[0] != tuple(x.shape):
             return None
         hp, wp = x.shape[-2:]
-        return torch.tensor([[w / wp, h / hp] for h, w in noted[1]], device=x.device)
+        return torch.tensor([[w / wp, h / hp] for h, w in noted[1]], dtype=torch.float64, device=x.device)
