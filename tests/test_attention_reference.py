@@ -279,6 +279,20 @@ def test_cross_attention_bad_context(ctx, match):
         block(torch.randn(2, 32, 4, 4))
 
 
+def test_cross_attention_context_dtype():
+    """The context's dtype meets x's as the input's meets the parameters' (outside autocast equal;
+    under it float32 or autocast's dtype, or both float64)."""
+    block = visattn.create_block("cross", 16, context_channels=8)
+    x = torch.randn(1, 16, 4, 4)
+    with pytest.raises(TypeError, match="context has dtype torch.float64 but x has torch.float32; convert"):
+        block(x, torch.randn(1, 8, 3, 3, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block(x, torch.randn(1, 8, 3, 3, dtype=torch.bfloat16)).dtype == torch.float32
+        for dtype in (torch.float64, torch.float16):
+            with pytest.raises(TypeError, match=rf"context has dtype {dtype} .* under torch.autocast"):
+                block(x, torch.randn(1, 8, 3, 3, dtype=dtype))
+
+
 def test_heads_must_divide_channels():
     for name in ["mhsa", "window", "axial", "sra", "cross", "linear"]:
         with pytest.raises(ValueError, match="heads=3 must be >= 1 and divide channels=16"):

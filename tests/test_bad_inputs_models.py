@@ -193,9 +193,10 @@ def test_dtype_other_than_parameters_every_block(name):
         assert b(x.float()).dtype == torch.float32
         assert b(x.bfloat16()).dtype == torch.bfloat16
         assert b.bfloat16()(x.float()).dtype == torch.float32
+        assert b.double()(x).dtype == torch.float64  # autocast leaves float64 alone
         f64, f32, f16 = torch.float64, torch.float32, torch.float16
-        for xd, bd in ((f64, f32), (f32, f64), (f64, f64), (f16, f32), (f32, f16)):
-            with pytest.raises(TypeError, match=rf"{bd} parameters and got a {xd} input under torch.autocast"):
+        for xd, bd in ((f64, f32), (f32, f64), (f16, f32), (f32, f16)):
+            with pytest.raises(TypeError, match=rf"{bd} parameters but got a {xd} input; under torch.autocast"):
                 b.to(bd)(x.to(xd))  # autocast never casts float64 and some ops refuse float16 + bf16
 
 

@@ -390,7 +390,7 @@ def test_adaptive_gradcheck_with_chunks(monkeypatch):
                                     fast_mode=True)
 
 
-def test_adaptive_sparsity_is_measured_per_head():
+def test_adaptive_sparsity_is_measured_per_head(monkeypatch):
     block = make("adaptive", heads=2).float()
     x = torch.randn(1, 16, 6, 6)
     with torch.no_grad():
@@ -403,7 +403,14 @@ def test_adaptive_sparsity_is_measured_per_head():
         q, k, _ = block._qkv(x)
         p = entmax_bisect(q[:, 1] @ k[:, 1].transpose(-2, -1), 2.0)
     assert abs((p == 0).float().mean().item() - s[1].item()) < 0.02
-    # the forward's dtype rules: a bf16 block measures a bf16 input; a float64 input is named
+    # the forward's dtype rules: under bf16 autocast the scores and thresholds stay float32; a
+    # bf16 block measures a bf16 input; a float64 input is named
+    seen = []
+    threshold = adaptive_mod._threshold
+    monkeypatch.setattr(adaptive_mod, "_threshold", lambda z, *a: seen.append(z.dtype) or threshold(z, *a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block.sparsity(x).shape == (2,)
+    assert seen and set(seen) == {torch.float32}
     assert block.bfloat16().sparsity(x.bfloat16()).shape == (2,)
     with pytest.raises(TypeError, match="bfloat16 parameters but got a torch.float64 input"):
         block.sparsity(x.double())

@@ -28,6 +28,7 @@ __all__ = [
     "check_float",
     "check_input",
     "check_int",
+    "dtype_mismatch",
     "emit",
     "get_act_layer",
     "make_divisible",
@@ -93,16 +94,28 @@ def check_odd(value: Any, name: str, block: str) -> int:
     return value
 
 
+def dtype_mismatch(a: torch.dtype, b: torch.dtype, device_type: str, fix: str) -> str | None:
+    """``None`` if tensors of dtypes ``a`` and ``b`` may meet in a block's operations on
+    ``device_type``, else what is wrong and ``fix``. Outside ``torch.autocast`` they must be equal.
+    Under it, which casts per operation (a block returns its input's dtype), each must be float32
+    or autocast's dtype, or both float64: autocast never casts float64, and some of its operations
+    refuse float16 with bfloat16."""
+    if not torch.is_autocast_enabled(device_type):
+        return None if a == b else f"convert one of them ({fix}), or run it under torch.autocast"
+    fast = torch.get_autocast_dtype(device_type)
+    if a == b == torch.float64 or {a, b} <= {torch.float32, fast}:
+        return None
+    return (f"under torch.autocast(dtype={fast}) both must be torch.float32 or {fast}, or both torch.float64 "
+            f"(autocast never casts float64, and some of its operations refuse float16 with bfloat16): {fix}")
+
+
 def check_input(x: torch.Tensor, channels: int | None, block: str,
                 param_dtype: torch.dtype | None = None) -> None:
     """Raise a clear error unless ``x`` is a non-empty floating-point ``(N, C, H, W)`` tensor with
     ``channels`` channels (``channels=None`` accepts any count).
 
-    With ``param_dtype`` (the block's parameters' dtype), an input of another dtype is a
-    ``TypeError`` outside ``torch.autocast``. Under autocast, which casts per operation (the block
-    returns the input's dtype), the input and the parameters must each be float32 or autocast's
-    dtype (a ``TypeError`` otherwise: autocast never casts float64, and some of its ops refuse
-    to mix float16 and bfloat16).
+    With ``param_dtype`` (the block's parameters' dtype), the input's dtype must meet it as
+    :func:`dtype_mismatch` says (a ``TypeError`` naming both otherwise).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{block} expects a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
@@ -110,17 +123,9 @@ def check_input(x: torch.Tensor, channels: int | None, block: str,
         raise TypeError(
             f"{block} expects a floating-point tensor, got dtype {x.dtype}; convert it first "
             "(an image: x.float() / 255)")
-    if param_dtype is not None:
-        if not torch.is_autocast_enabled(x.device.type):
-            if x.dtype != param_dtype:
-                raise TypeError(
-                    f"{block} has {param_dtype} parameters but got a {x.dtype} input; convert one of "
-                    f"them (x.to({param_dtype}) or block.to({x.dtype})), or run it under torch.autocast")
-        elif not {x.dtype, param_dtype} <= {torch.float32, fast := torch.get_autocast_dtype(x.device.type)}:
-            raise TypeError(
-                f"{block} has {param_dtype} parameters and got a {x.dtype} input under "
-                f"torch.autocast(dtype={fast}): both must be torch.float32 or {fast} (autocast never "
-                "casts float64, and some of its ops refuse to mix float16 and bfloat16)")
+    if param_dtype is not None and (why := dtype_mismatch(x.dtype, param_dtype, x.device.type,
+                                                          f"x.to({param_dtype}) or block.to({x.dtype})")):
+        raise TypeError(f"{block} has {param_dtype} parameters but got a {x.dtype} input; {why}")
     if x.ndim != 4:
         raise ValueError(
             f"{block} expects a 4-D tensor of shape (N, C, H, W), got a {x.ndim}-D tensor of shape "
@@ -220,8 +225,9 @@ class AttentionBlock(nn.Module):
     Subclasses set ``self.channels`` (``None`` for blocks without per-channel weights) and
     implement ``_forward(x, out=None)``; when ``out`` is given the result must be written into it.
 
-    The input must be a floating-point tensor of the parameters' dtype (any floating dtype under
-    ``torch.autocast``); anything else is a ``TypeError`` naming both dtypes, never a silent cast.
+    The input must be a floating-point tensor of the parameters' dtype (under ``torch.autocast``:
+    see :func:`dtype_mismatch`); anything else is a ``TypeError`` naming both dtypes, never a
+    silent cast.
     Under ``torch.fx`` tracing a block is one opaque call (see :func:`_call_block`).
     """
 

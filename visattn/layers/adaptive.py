@@ -299,8 +299,9 @@ class AdaptiveSparseAttention(AttentionBlock):
             q, k = q.float(), k.float()
         zeros = torch.zeros(self.heads, device=x.device, dtype=torch.float64)
         alpha = self.alpha.view(1, -1, 1, 1).to(q.dtype)
-        for _, p in self._weights(q, k, alpha):
-            zeros += (p == 0).sum((0, 2, 3)).double()
+        with torch.autocast(x.device.type, enabled=False):  # as the forward: scores not in bf16
+            for _, p in self._weights(q, k, alpha):
+                zeros += (p == 0).sum((0, 2, 3)).double()
         return (zeros / (q.shape[0] * q.shape[2] * k.shape[2])).float()
 
     def _record(self, q: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, h: int, w: int) -> None:

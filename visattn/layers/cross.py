@@ -18,7 +18,7 @@ from ._attention import (
     record_attention,
     split_heads,
 )
-from ._base import AttentionBlock, _call_block, _param_dtype, check_input, check_int
+from ._base import AttentionBlock, _call_block, _param_dtype, check_input, check_int, dtype_mismatch
 
 fx.wrap("_call_block")  # torch.fx records calls from this module too as one node (see _base)
 
@@ -77,9 +77,8 @@ class CrossAttention(AttentionBlock):
                              f"sequence (N, L, C_ctx), got {got}")
         if not context.is_floating_point():
             raise TypeError(f"CrossAttention context must be a floating-point tensor, got {context.dtype}")
-        if context.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"CrossAttention context has dtype {context.dtype} but x has {x.dtype}; "
-                            "give both the block's dtype, or run under torch.autocast")
+        if why := dtype_mismatch(context.dtype, x.dtype, x.device.type, "give both the block's dtype"):
+            raise TypeError(f"CrossAttention context has dtype {context.dtype} but x has {x.dtype}; {why}")
         tokens = context.flatten(2).transpose(1, 2) if context.ndim == 4 else context  # (N, L, C_ctx)
         if tokens.shape[-1] != self.context_channels:
             raise ValueError(f"CrossAttention was built for context_channels={self.context_channels}, "
