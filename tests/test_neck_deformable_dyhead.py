@@ -243,6 +243,9 @@ def test_deformable_encoder_output_does_not_depend_on_batch_padding():
         torch.testing.assert_close(g[1:], f)
     for g, w in zip(enc(alone, torch.ones(1, 2)), want, strict=True):
         torch.testing.assert_close(g, w)
+    for bad in (torch.ones(2, 2), torch.zeros(1, 2), torch.full((1, 2), 1.5), [[1.0, 1.0]]):
+        with pytest.raises(ValueError, match=r"valid must be \(1, 2\) fractions in \(0, 1\]"):
+            enc(alone, bad)
 
 
 def test_detector_passes_each_image_s_valid_region_to_the_encoder():

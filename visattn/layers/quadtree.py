@@ -223,7 +223,12 @@ class QuadtreeAttention(AttentionBlock):
                 v_map = qkv[..., 2 * c:].contiguous().permute(0, 3, 1, 2)  # channels-last memory
                 lepe = depthwise_conv(self.lepe[lvl], v_map).permute(0, 2, 3, 1)  # (N, hl, wl, C)
                 msg = (msg + lepe) * self.level_weight.softmax(0)[lvl]
-            acc = msg if acc is None else msg + acc if lvl == skip else _add_up2(msg, acc)
+            if acc is None:
+                acc = msg
+            elif lvl == skip:  # the skipped levels' messages, on the same 1x1 map
+                acc = msg + acc
+            else:  # the coarser message broadcast to the four children of each token
+                acc = _add_up2(msg, acc)
             if record is not None:
                 record.append((lvl, used, cand, cnt))
         if record is not None:
