@@ -58,8 +58,9 @@ class BiLevelRoutingAttention(AttentionBlock):
     depend on the padding. Regions of padding only are not formed (with ``regions=S``, a side of
     ``n`` tokens gets ``ceil(n / ceil(n / S))`` regions, which can be fewer than ``S``: 9 rows and
     ``S=4`` give 3 regions of 3; a ``region_size`` above the map's side is cut to it): they would
-    never be attended, so the result is the same and a large ``S`` costs nothing. ``topk`` above the number of regions means all of them: then every
-    token attends to every token and the block is full attention plus the LCE term.
+    never be attended, so the result is the same and a large ``S`` costs nothing. ``topk`` above
+    the number of regions means all of them: then every token attends to every token and the
+    block is full attention plus the LCE term.
 
     Departure: the token-level softmax uses the per-head scale ``head_dim ** -0.5`` (the authors use
     ``C ** -0.5`` for every head); the routing uses ``C ** -0.5`` (it only ranks, so the scale does

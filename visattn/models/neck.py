@@ -397,16 +397,16 @@ class DeformableEncoder(nn.Module):
         level = torch.cat([torch.full((h * w,), lvl, device=tokens.device)
                            for lvl, (h, w) in enumerate(shapes)])  # (S,) level of each position
         ref = torch.cat([reference_points(h, w, device=tokens.device) for h, w in shapes])  # (S, 2)
-        padding = None
-        if valid is not None and (not isinstance(valid, torch.Tensor) or valid.shape != (n, 2)
-                                  or not bool(((valid > 0) & (valid <= 1)).all())):
-            got = f"shape {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
-            raise ValueError(f"DeformableEncoder: valid must be ({n}, 2) fractions in (0, 1] (each image's "
-                             f"width and height in the padded batch), got {got}")
-        if valid is not None:  # (N, S, 2) in each image's valid region, (N, S, L, 2), (N, S)
-            points, ref, padding = self._valid_references(ref, level, shapes, valid)
+        if valid is None:
+            points, padding = ref, None  # (S, 2)
         else:
-            points = ref  # (S, 2)
+            if (not isinstance(valid, torch.Tensor) or valid.shape != (n, 2)
+                    or not bool(((valid > 0) & (valid <= 1)).all())):
+                got = f"shape {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
+                raise ValueError(f"DeformableEncoder: valid must be ({n}, 2) fractions in (0, 1] (each "
+                                 f"image's width and height in the padded batch), got {got}")
+            # (N, S, 2) in each image's valid region, (N, S, L, 2) on every level, (N, S)
+            points, ref, padding = self._valid_references(ref, level, shapes, valid)
         pos = sine_positions(points, c, dtype=tokens.dtype) + self.level_embed.to(tokens.dtype)[level]
         for layer, gate in zip(self.layers, self.gates, strict=True):
             new = layer(tokens, pos, ref, shapes, padding).to(tokens.dtype)
