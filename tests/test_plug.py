@@ -167,3 +167,68 @@ def test_find_residual_blocks_reports_channels():
     per_stage = {stage: ch for _, _, stage, ch in found}
     assert per_stage == {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
     assert len(found) == 16
+
+
+# -- gate="none": the block as its paper applies it (issue 25) -------------------------------------
+
+
+def test_gate_none_applies_the_block_as_the_paper_does():
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=10).eval()
+    names = visattn.plug(m, "se", stages=[4], gate="none")
+    blend = m.get_submodule(names[0])
+    assert isinstance(blend, Blend) and blend.gate is None and "gate" not in dict(blend.named_parameters())
+    x = torch.randn(2, 512, 3, 5)
+    assert torch.equal(blend(x), blend.block(x))  # no blend: block(y) itself
+    # the whole model differs from the unplugged one (SE rescales the branch from the start)
+    ref = torchvision.models.resnet18(num_classes=10).eval()
+    ref.load_state_dict(m.state_dict(), strict=False)
+    img = torch.randn(1, 3, 64, 64)
+    assert not torch.allclose(m(img), ref(img))
+    # the block's parameters keep their names whatever the gate
+    keys_none = {k for k in m.state_dict() if ".attn." in k}
+    m2 = torchvision.models.resnet18(num_classes=10)
+    visattn.plug(m2, "se", stages=[4], gate="zero")
+    keys_zero = {k for k in m2.state_dict() if ".attn." in k}
+    assert keys_zero - keys_none == {n + ".gate" for n in names} and keys_none <= keys_zero
+
+
+def test_gate_values_reports_learned_gates():
+    from visattn.plug import gate_values
+
+    m = torchvision.models.resnet18()
+    names = visattn.plug(m, "eca", stages=[3, 4])
+    gates = gate_values(m)
+    assert list(gates) == sorted(names) and set(gates.values()) == {0.0}
+    m.get_submodule(names[0]).gate.data.fill_(-0.5)
+    assert gate_values(m)[names[0]] == -0.5
+    m3 = torchvision.models.resnet18()
+    visattn.plug(m3, "eca", gate="none")
+    assert gate_values(m3) == {}
+    with pytest.raises(TypeError, match="gate_values: model must be a torch.nn.Module"):
+        gate_values("resnet18")
+
+
+@pytest.mark.parametrize("gate", ["Zero", "", None, 0, "identity"])
+def test_bad_gate_is_named(gate):
+    m = torchvision.models.resnet18()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="plug: gate must be one of 'zero', 'none'"):
+        visattn.plug(m, "se", gate=gate)
+    assert m.state_dict().keys() == before.keys()  # left untouched
+
+
+def test_build_detector_attention_gate():
+    from visattn.models import build_detector, build_segmenter
+
+    det = build_detector("fcos", backbone="resnet10t", num_classes=3, attention="se", attention_gate="none",
+                         fpn_channels=32, min_size=64, max_size=64)
+    blends = [m for m in det.backbone.modules() if isinstance(m, Blend)]
+    assert blends and all(b.gate is None for b in blends)
+    det = build_detector("fcos", backbone="resnet10t", num_classes=3, attention="se", fpn_channels=32,
+                         min_size=64, max_size=64)
+    assert all(b.gate is not None for b in det.backbone.modules() if isinstance(b, Blend))
+    seg = build_segmenter("fcn", backbone="resnet10t", num_classes=3, attention="eca", attention_gate="none")
+    assert all(b.gate is None for b in seg.modules() if isinstance(b, Blend))
+    with pytest.raises(ValueError, match="attention_gate"):
+        build_detector("fcos", backbone="resnet10t", num_classes=3, attention="se", attention_gate="half")

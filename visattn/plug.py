@@ -7,13 +7,18 @@ ResNetV2, and any other block written the same way). Each block's forward is tra
 ``torch.fx`` with every child module kept opaque; the traced graph shows which input of the residual
 add is the branch and which is the shortcut, and which module ends the branch.
 
-The block is inserted behind a zero-initialised learnable blend,
+By default (``gate="zero"``) the block is inserted behind a zero-initialised learnable blend,
 ``y + gate * (attention(y) - y)``, so right after :func:`plug` the model computes exactly what it
 computed before and a pretrained backbone keeps its accuracy. The gate receives a gradient at once;
 the attention block's own parameters do from the first step that moves the gate off zero (the
 same start as ReZero or DANet's ``gamma``). timm initialises the last norm of each residual branch
 to zero for training from scratch (``zero_init_last``); there the gate's gradient is zero too until
 that norm's weight has moved, one step later.
+
+``gate="none"`` applies the block as its paper does, ``attention(y)`` with no blend: the wiring the
+papers trained from scratch with (SE-ResNet, CBAM, ECA-Net). The gated blend is free to learn any
+value, negative included; a negative gate applies the attention inverted, and
+:func:`gate_values` reports the learned gates so that a reader can see it.
 """
 from __future__ import annotations
 
@@ -25,7 +30,11 @@ from torch import fx, nn
 
 from .registry import block_info, create_block, list_blocks
 
-__all__ = ["Blend", "find_residual_blocks", "plug"]
+__all__ = ["GATES", "Blend", "find_residual_blocks", "gate_values", "plug"]
+
+#: How :func:`plug` wires a block: ``"zero"`` behind a zero-initialised blend (identity at insertion),
+#: ``"none"`` applied as the paper does.
+GATES = ("zero", "none")
 
 BlockSpec = str | Callable[[int], nn.Module]
 
@@ -34,20 +43,52 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
 
-class Blend(nn.Module):
-    """``y + gate * (block(y) - y)`` with a learnable scalar ``gate`` that starts at zero.
+def check_gate(gate: object, caller: str = "plug") -> str:
+    """``gate`` when it is one of :data:`GATES`, else a ``ValueError`` naming it."""
+    if not isinstance(gate, str) or gate not in GATES:
+        raise ValueError(f"{caller}: gate must be one of {', '.join(map(repr, GATES))} ('zero': behind a "
+                         f"zero-initialised blend, identity at insertion; 'none': the block as its paper "
+                         f"applies it), got {gate!r}")
+    return gate
 
-    Wrapping a block in :class:`Blend` makes it the identity at initialisation; the gate learns how
-    much of the block to use.
+
+class Blend(nn.Module):
+    """``y + gate * (block(y) - y)`` with a learnable scalar ``gate`` that starts at zero, or, with
+    ``gate="none"``, ``block(y)`` alone.
+
+    Wrapping a block in a zero-gated :class:`Blend` makes it the identity at initialisation; the
+    gate learns how much of the block to use. With ``gate="none"`` there is no ``gate`` parameter
+    (``self.gate is None``) and the block is applied as its paper does; the block's parameters keep
+    the same names (``block.*``) either way.
     """
 
-    def __init__(self, block: nn.Module, *, device=None, dtype=None) -> None:
+    def __init__(self, block: nn.Module, *, gate: str = "zero", device=None, dtype=None) -> None:
         super().__init__()
+        check_gate(gate, "Blend")
         self.block = block
-        self.gate = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
+        if gate == "zero":
+            self.gate = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
+        else:
+            self.register_parameter("gate", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is None:
+            return self.block(x)
         return x + self.gate.to(x.dtype) * (self.block(x) - x)
+
+    def extra_repr(self) -> str:
+        return "gate='none'" if self.gate is None else ""
+
+
+def gate_values(model: nn.Module) -> dict[str, float]:
+    """The learned gate of every gated :class:`Blend` in ``model``, by dotted module name (sorted).
+
+    A value near 0 means the block is barely used; a negative one means the network applies the
+    block's change inverted (``y - |g| * (block(y) - y)``). Blocks plugged with ``gate="none"`` have
+    no gate and are not listed."""
+    _check_model(model, "gate_values")
+    return {name: float(m.gate.detach().float()) for name, m in sorted(model.named_modules())
+            if isinstance(m, Blend) and m.gate is not None}
 
 
 class Plugged(nn.Module):
@@ -262,7 +303,7 @@ def find_residual_blocks(model: nn.Module) -> list[tuple[str, str, str, int]]:
 # plug
 
 
-def _make(block: BlockSpec, channels: int, ref: nn.Module, block_kwargs: dict) -> Blend:
+def _make(block: BlockSpec, channels: int, ref: nn.Module, block_kwargs: dict, gate: str) -> Blend:
     p = next(ref.parameters(), None)
     dd = {} if p is None else {"device": p.device, "dtype": p.dtype}
     if isinstance(block, str):
@@ -272,7 +313,7 @@ def _make(block: BlockSpec, channels: int, ref: nn.Module, block_kwargs: dict) -
         if not isinstance(attn, nn.Module):
             raise TypeError(f"plug: block factory returned {type(attn).__name__}, not an nn.Module")
         attn = attn.to(**dd)
-    return Blend(attn, **dd)
+    return Blend(attn, gate=gate, **dd)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -328,7 +369,8 @@ def _existing_plug(model: nn.Module, name: str) -> str | None:
 
 
 def plug(model: nn.Module, block: BlockSpec, *, stages: int | Sequence[int] | None = None,
-         position: str = "after_block", replace: bool = False, **block_kwargs) -> list[str]:
+         position: str = "after_block", gate: str = "zero", replace: bool = False,
+         **block_kwargs) -> list[str]:
     """Insert ``block`` into every residual block (or stage) of ``model``, in place.
 
     Args:
@@ -340,6 +382,10 @@ def plug(model: nn.Module, block: BlockSpec, *, stages: int | Sequence[int] | No
             children include residual blocks (``layer1`` in torchvision, ``stages.0`` in byobnet).
         position: ``"after_block"`` puts the block on the residual branch after its last layer and
             before the add, as SE-ResNet does; ``"after_stage"`` puts it after each stage.
+        gate: ``"zero"`` (default) wraps the block in a zero-initialised :class:`Blend`,
+            ``y + g * (block(y) - y)``, so the model is unchanged at insertion (for a pretrained
+            backbone); ``"none"`` applies the block as its paper does, ``block(y)`` (for training
+            from scratch). :func:`gate_values` reads the learned gates.
         replace: where an earlier ``plug`` already put a block, swap it for the new one (a fresh
             identity-initialised block). Without it, plugging a place twice is a ``ValueError``
             naming the places; plugging other stages or the other position is always allowed.
@@ -348,8 +394,8 @@ def plug(model: nn.Module, block: BlockSpec, *, stages: int | Sequence[int] | No
     Returns:
         The dotted names of the inserted (or, with ``replace``, replaced) attention modules.
 
-    Right after ``plug`` the model computes what it computed before: each block sits behind a
-    zero-initialised :class:`Blend`. Every argument is checked, and every block built, before the
+    With ``gate="zero"``, right after ``plug`` the model computes what it computed before: each
+    block sits behind a zero-initialised :class:`Blend`. Every argument is checked, and every block built, before the
     model is changed: on any error the model is left as it was. Raises ``TypeError`` for a
     ``model`` that is not an ``nn.Module`` (a model name, say), ``ValueError`` when no residual
     block is found.
@@ -363,6 +409,7 @@ def plug(model: nn.Module, block: BlockSpec, *, stages: int | Sequence[int] | No
     _check_block(block)
     if position not in ("after_block", "after_stage"):
         raise ValueError(f"plug: position must be 'after_block' or 'after_stage', got {position!r}")
+    check_gate(gate)
     if not isinstance(replace, bool):
         raise TypeError(f"plug: replace must be a bool, got {replace!r}")
     found = find_residual_blocks(model)
@@ -395,7 +442,7 @@ def plug(model: nn.Module, block: BlockSpec, *, stages: int | Sequence[int] | No
         if channels is None:
             raise ValueError(f"plug: cannot tell the output channels of {name} "
                              f"({type(module).__name__}) from its graph or from a forward pass")
-        new_blocks[name] = _make(block, channels, module, block_kwargs)
+        new_blocks[name] = _make(block, channels, module, block_kwargs, gate)
 
     inserted = []
     for name, blend in new_blocks.items():

@@ -17,7 +17,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..layers._base import check_int
-from ..plug import plug
+from ..plug import check_gate, plug
 
 __all__ = ["Body", "build_body", "resolve_backbone"]
 
@@ -147,18 +147,21 @@ def _check_body_args(levels, last, pretrained, output_stride, frozen_bn, attenti
 def build_body(backbone: str, *, levels: Sequence[int] | None = None, last: int | None = None,
                pretrained: bool = False, output_stride: int | None = None,
                frozen_bn: bool | None = None, attention: str | None = None,
-               attention_kwargs: dict | None = None, attention_stages: Sequence[int] | None = None) -> Body:
+               attention_kwargs: dict | None = None, attention_stages: Sequence[int] | None = None,
+               attention_gate: str = "zero") -> Body:
     """Build a backbone body that returns the feature maps at the strides ``levels`` (e.g.
     ``[8, 16, 32]``), or its ``last`` deepest stages.
 
     ``frozen_bn`` (default: ``pretrained``) freezes batch-norm statistics, as torchvision does for
     pretrained detection backbones. ``attention`` is plugged into the body's residual blocks with
-    :func:`visattn.plug` (identity at insertion). Each argument is checked first; a bad one is a
+    :func:`visattn.plug`, wired by ``attention_gate`` (``"zero"``: behind a zero-initialised blend,
+    identity at insertion; ``"none"``: as its paper applies it). Each argument is checked first; a bad one is a
     ``TypeError`` or ``ValueError`` naming it (``attention_stages`` or ``attention_kwargs`` without
     ``attention`` too, as they would be ignored).
     """
     _check_body_args(levels, last, pretrained, output_stride, frozen_bn, attention, attention_kwargs,
                      attention_stages)
+    check_gate(attention_gate, "attention_gate")
     lib, model = resolve_backbone(backbone)
     frozen_bn = pretrained if frozen_bn is None else frozen_bn
     features, channels, strides = _all_levels(lib, model, pretrained, output_stride, frozen_bn)
@@ -176,7 +179,7 @@ def build_body(backbone: str, *, levels: Sequence[int] | None = None, last: int 
         keep = list(range(len(strides)))[-(last or 1):]
     if attention is not None:
         try:
-            plug(features, attention, stages=attention_stages, **(attention_kwargs or {}))
+            plug(features, attention, stages=attention_stages, gate=attention_gate, **(attention_kwargs or {}))
         except (TypeError, ValueError) as e:  # name the builder's arguments, not plug's
             raise type(e)(f"backbone {backbone!r}, attention={attention!r}, attention_stages="
                           f"{attention_stages!r}, attention_kwargs={attention_kwargs!r}: {e}") from e

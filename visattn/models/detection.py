@@ -200,7 +200,7 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
                    aspect_ratios: Sequence[float] | None = None, fpn_channels: int = 256,
                    attention_stages: Sequence[int] | None = None, attention_kwargs: dict | None = None,
                    neck_attention_kwargs: dict | None = None, frozen_bn: bool | None = None,
-                   detector_kwargs: dict | None = None, **kw) -> nn.Module:
+                   detector_kwargs: dict | None = None, attention_gate: str = "zero", **kw) -> nn.Module:
     """Build a torchvision detector on a timm / torchvision backbone with an FPN neck.
 
     Args:
@@ -209,6 +209,10 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
             (``"torchvision:resnet50"``; see :func:`visattn.models.backbone.resolve_backbone`).
         num_classes: number of object classes, without background; labels are ``1..num_classes``.
         attention: block plugged into the backbone's residual blocks (:func:`visattn.plug`).
+        attention_gate: how ``attention`` is wired into the backbone: ``"zero"`` (default) behind a
+            zero-initialised blend, ``y + g * (block(y) - y)`` (identity at insertion: for a
+            pretrained backbone), ``"none"`` as its paper applies it, ``block(y)`` (training from
+            scratch). Neck attentions always start as the identity.
         neck_attention: name(s) applied to the FPN levels, in order, each starting as the
             identity: a registered block (one per level), or an attention across all levels:
             ``"scale"`` (DyHead's scale-aware attention), ``"dyhead"`` (the DyHead block: scale-,
@@ -272,7 +276,7 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
                                  len(levels) + (1 if two_stage else 2))
     body = build_body(backbone, levels=levels, pretrained=pretrained_backbone, frozen_bn=frozen_bn,
                       attention=attention, attention_kwargs=attention_kwargs,
-                      attention_stages=attention_stages)
+                      attention_stages=attention_stages, attention_gate=attention_gate)
     if two_stage:
         extra, num_extra = LastLevelMaxPool(), 1
     else:

@@ -35,7 +35,7 @@ class _SegBody(nn.Module):
 def build_segmenter(arch: str, *, backbone: str, num_classes: int, attention: str | None = None,
                     pretrained_backbone: bool = False, output_stride: int | None = 8,
                     aux_loss: bool = False, attention_stages=None, attention_kwargs: dict | None = None,
-                    frozen_bn: bool | None = None) -> nn.Module:
+                    frozen_bn: bool | None = None, attention_gate: str = "zero") -> nn.Module:
     """Build a DeepLabV3 or FCN segmenter; ``model(x)["out"]`` is ``(N, num_classes, H, W)``,
     at the input's resolution.
 
@@ -44,6 +44,9 @@ def build_segmenter(arch: str, *, backbone: str, num_classes: int, attention: st
         backbone: a timm model or torchvision ResNet name, as for :func:`build_detector`.
         num_classes: output channels, background included if you have one.
         attention: block plugged into the backbone (:func:`visattn.plug`).
+        attention_gate: how ``attention`` is wired: ``"zero"`` (default) behind a zero-initialised
+            blend (identity at insertion, for a pretrained backbone), ``"none"`` as its paper applies
+            it (training from scratch); see :func:`visattn.plug`.
         output_stride: 8 (the papers' dilated setting, default), 16, or None for the backbone's
             own stride (usually 32; cheapest).
         aux_loss: add torchvision's auxiliary FCN head on the second-deepest stage (``"aux"``).
@@ -68,7 +71,7 @@ def build_segmenter(arch: str, *, backbone: str, num_classes: int, attention: st
         raise ValueError(f"output_stride must be 8, 16, 32 or None (the backbone's own), got {output_stride!r}")
     body = build_body(backbone, last=2, pretrained=pretrained_backbone, output_stride=output_stride,
                       frozen_bn=frozen_bn, attention=attention, attention_kwargs=attention_kwargs,
-                      attention_stages=attention_stages)
+                      attention_stages=attention_stages, attention_gate=attention_gate)
     channels = body.channels
     aux = FCNHead(channels[-2], num_classes) if aux_loss else None
     wrapped = _SegBody(body, aux_loss)
