@@ -176,3 +176,42 @@ def test_predict_returns_coco_results(tmp_path):
     assert len(batches) == 3 and results  # 9 validation images, batch 4
     assert {r["image_id"] for r in results} == set(range(1, 10))
     assert all(set(r) == {"image_id", "category_id", "bbox", "score"} and 1 <= r["category_id"] <= 8 for r in results)
+
+
+def test_eval_runs_in_float32_under_mixed_precision(monkeypatch):
+    """Under bf16 autocast the heads' outputs and so the decoded boxes would be bfloat16 (a
+    coordinate near 200 px rounds to 1 px); evaluation runs with autocast off unless asked."""
+    import types
+
+    import torch
+
+    from visattn.lit import detection as lit_detection
+    from visattn.models import build_detector
+
+    seen = []
+
+    def fake_predict(model, images, slicing):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        with torch.no_grad():
+            return model.eval()(images)
+
+    monkeypatch.setattr(lit_detection, "predict_images", fake_predict)
+    monkeypatch.setattr(lit_detection, "to_coco_results", lambda out, t, cats, segm: out["boxes"])
+    torch.manual_seed(0)
+    det = build_detector("fcos", backbone="resnet10t", num_classes=2, fpn_channels=32, min_size=64, max_size=64,
+                         score_thresh=0.0)
+    batch = ([torch.rand(3, 64, 64)], [{"image_id": 1}])
+    results = {}
+    for fp32 in (True, False):
+        module = lit_detection.DetectionModule(det, eval_fp32=fp32)
+        monkeypatch.setattr(module, "_categories", lambda: types.SimpleNamespace(
+            categories=types.SimpleNamespace(to_category={1: 1, 2: 2})))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[fp32] = module._results(batch)[1]
+    assert seen == [False, True]
+    with torch.no_grad():
+        exact = det.eval()(batch[0])[0]["boxes"]
+    assert results[True].dtype == torch.float32 and torch.equal(results[True], exact)
+    assert results[False].dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="eval_fp32"):
+        lit_detection.DetectionModule(det, eval_fp32="yes")

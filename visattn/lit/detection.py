@@ -340,6 +340,11 @@ class DetectionModule(CheckedModule):
             "threshold": 0.5, "full_image": True, "batch_size": 8}``; on the command line
             ``--model.init_args.slicing.slice_size=256`` (and ``.overlap=...`` etc.). Training is
             unchanged (train on crops with ``data.init_args.crop_size``).
+        eval_fp32: validate, test and predict with autocast off, in float32, when the trainer
+            trains under mixed precision (``precision: bf16-mixed`` / ``16-mixed``; default on).
+            Under bf16 autocast the heads' outputs, and so the decoded boxes, are bfloat16: 8 bits
+            of mantissa round a coordinate near 200 px to 1 px, a large error for a 6 px object.
+            Off: evaluate under the trainer's autocast (faster, boxes rounded).
 
     Logged: ``train/loss`` and each loss term; ``val/AP``, ``val/AP50``, ``val/AP75``, ``val/APs``,
     ``val/APm``, ``val/APl``, ``val/AR100``, ``val/AP_<size bin>`` (``very_tiny``, ``tiny``, ...)
@@ -356,7 +361,7 @@ class DetectionModule(CheckedModule):
                  scheduler: LRSchedulerCallable | None = None, scheduler_interval: str = "epoch",
                  nan_policy: str = "raise", iou_type: str = "bbox", eval_backend: str = "faster_coco_eval",
                  eval_errors: bool = False, channels_last: bool = False, max_consecutive_skips: int = 10,
-                 slicing: SlicingConfig | None = None) -> None:
+                 slicing: SlicingConfig | None = None, eval_fp32: bool = True) -> None:
         super().__init__()
         from ..evaluation import BACKENDS
 
@@ -370,6 +375,7 @@ class DetectionModule(CheckedModule):
         _check_bool("eval_errors", eval_errors)
         _check_bool("channels_last", channels_last)
         _check_int("max_consecutive_skips", max_consecutive_skips, 1)
+        _check_bool("eval_fp32", eval_fp32)
         self.slicing = SlicingConfig.coerce(slicing)
         self.save_hyperparameters(ignore=["model", "slicing"])
         # plain data in the hyper-parameters, so checkpoints load with weights_only=True
@@ -456,7 +462,12 @@ class DetectionModule(CheckedModule):
     def _results(self, batch) -> dict[int, list[dict]]:
         """``{image_id: COCO results}`` for one batch, in the dataset's pixels and category ids."""
         images, targets = batch
-        outputs = predict_images(self.model, images, self.slicing)
+        device = images[0].device.type if len(images) else "cpu"
+        if self.hparams.get("eval_fp32", True) and torch.is_autocast_enabled(device):
+            with torch.autocast(device_type=device, enabled=False):
+                outputs = predict_images(self.model, images, self.slicing)
+        else:
+            outputs = predict_images(self.model, images, self.slicing)
         to_category = self._categories().categories.to_category
         segm = self.hparams.iou_type == "segm"
         return {int(t["image_id"]): to_coco_results(out, t, to_category, segm)
