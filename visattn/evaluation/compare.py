@@ -34,7 +34,7 @@ from .core import (
     prepare,
 )
 
-__all__ = ["RUN_METRICS", "MatchTables", "compare", "compare_runs", "verdict"]
+__all__ = ["RUN_METRICS", "MatchTables", "benjamini_hochberg", "bootstrap_p", "compare", "compare_runs", "verdict"]
 
 
 class MatchTables:
@@ -229,8 +229,35 @@ def compare(gt, predictions_a, predictions_b, *, iou_type: str = "bbox", n_boot:
 #: logs them: COCO's AP, AP50 and APs (area < 32^2), AP per AI-TOD size bin (``AP_<bin>``), AP per
 #: occlusion bucket (``AP_occ_<bucket>``, when the ground truth has occlusion) and occluded recall.
 RUN_METRICS = ("AP", "AP50", "APs", *(f"AP_{b}" for b in SIZE_BINS), *(f"AP_occ_{b}" for b in OCCLUSION_BUCKETS),
+               *(f"AP50_occ_{b}" for b in OCCLUSION_BUCKETS), *(f"AR_occ_{b}" for b in OCCLUSION_BUCKETS),
                "occluded_recall")
 _COCO_SMALL = (0.0, 32.0 ** 2)  # pycocotools' "small" area range (APs)
+
+
+def bootstrap_p(diffs: list[float]) -> float | None:
+    """Two-sided bootstrap p-value of "the difference is 0": twice the smaller tail of the replicate
+    differences on either side of 0, counting a replicate at exactly 0 on both sides, with the +1
+    of a Monte-Carlo p-value so it is never 0 (``None`` without replicates)."""
+    if not diffs:
+        return None
+    d = np.asarray(diffs)
+    tail = min(int(np.count_nonzero(d <= 0)), int(np.count_nonzero(d >= 0)))
+    return float(min(1.0, 2 * (tail + 1) / (len(d) + 1)))
+
+
+def benjamini_hochberg(p_values: dict, q: float = 0.05) -> dict:
+    """Benjamini-Hochberg step-up procedure over ``{key: p}`` (``None`` entries are left out):
+    ``{key: (adjusted p, rejected)}`` with the false discovery rate controlled at ``q``."""
+    check_real("q", q, 0.0, 1.0, lo_open=True, hi_open=True)
+    keys = sorted((k for k, p in p_values.items() if p is not None), key=lambda k: (p_values[k], str(k)))
+    m = len(keys)
+    adjusted: dict = {}
+    running = 1.0
+    for rank in range(m, 0, -1):  # from the largest p down: adjusted = min over ranks >= this one
+        k = keys[rank - 1]
+        running = min(running, p_values[k] * m / rank)
+        adjusted[k] = running
+    return {k: (adjusted[k], adjusted[k] <= q) for k in keys}
 
 
 def verdict(low: float | None, high: float | None) -> str:
@@ -270,8 +297,10 @@ class _RunTables:
         out = {"AP": overall["AP"], "AP50": overall["AP50"], "APs": self.size.metrics(self.n_size + 1, weights)["AP"]}
         for a, name in enumerate(SIZE_BINS, start=1):
             out[f"AP_{name}"] = self.size.metrics(a, weights)["AP"]
-        for name, tables in self.occ.items():
-            out[f"AP_occ_{name}"] = tables.metrics(0, weights)["AP"]
+        occ = {name: tables.metrics(0, weights) for name, tables in self.occ.items()}
+        for key, field in (("AP_occ", "AP"), ("AP50_occ", "AP50"), ("AR_occ", "AR100")):
+            for name, m in occ.items():
+                out[f"{key}_{name}"] = m[field]
         if self.hits is not None:
             w = np.ones(len(self.hits)) if weights is None else weights
             total = float(np.dot(w, self.totals))
@@ -330,7 +359,7 @@ def _check_runs(runs, reference) -> tuple[list[str], list]:
 
 def compare_runs(gt, runs: dict, *, reference: str, iou_type: str = "bbox", n_boot: int = 1000, seed: int = 0,
                  confidence: float = 0.95, resample_seeds: bool = True,
-                 occluded_recall_kwargs: dict | None = None) -> dict:
+                 occluded_recall_kwargs: dict | None = None, fdr: float | None = None) -> dict:
     """Each model of a grid against ``reference``, with a bootstrap over images and seeds, paired.
 
     Args:
@@ -342,6 +371,11 @@ def compare_runs(gt, runs: dict, *, reference: str, iou_type: str = "bbox", n_bo
         resample_seeds: draw the seeds with replacement in each replicate too (the default); off,
             every replicate uses every seed once and only the images are resampled.
         occluded_recall_kwargs: as :func:`evaluate`'s.
+        fdr: when given (e.g. 0.05), control the false discovery rate over every (model, metric)
+            difference of the table with the Benjamini-Hochberg procedure on the bootstrap p-values
+            (:func:`bootstrap_p`): a difference is ``significant`` (and its verdict ``"helps"`` /
+            ``"hurts"``) only when it is rejected at that rate. Without it, a difference is
+            significant when its interval excludes 0 (no correction for multiple comparisons).
 
     Each replicate draws the images with replacement (each counted as often as drawn, as in
     :func:`compare`) and the seeds with replacement, the same draws for every model: a model's value
@@ -353,7 +387,9 @@ def compare_runs(gt, runs: dict, *, reference: str, iou_type: str = "bbox", n_bo
     seed) over seeds per model and metric, and ``diff[model][metric]`` for every model but the
     reference: ``{"a", "b", "diff", "low", "high", "significant", "verdict"}`` with ``a``/``b`` the
     seed means of reference and model, ``low``/``high`` the percentile interval (``None`` when no
-    replicate had ground truth for the metric) and ``verdict`` from :func:`verdict`.
+    replicate had ground truth for the metric), ``p`` the two-sided bootstrap p-value, ``p_adjusted``
+    the Benjamini-Hochberg adjusted one (with ``fdr``; else ``None``) and ``verdict`` from
+    :func:`verdict` (with ``fdr``: ``"no evidence"`` unless the difference is rejected).
 
     Errors: ``TypeError`` / ``ValueError`` naming the argument (``runs`` of the wrong shape, unknown
     ``reference``, different seeds per model, ``n_boot`` < 1, ``confidence`` outside (0, 1) ...);
@@ -368,6 +404,8 @@ def compare_runs(gt, runs: dict, *, reference: str, iou_type: str = "bbox", n_bo
     _check_iou_type(iou_type)
     _check_compare_args(n_boot, seed, confidence)
     check_bool("resample_seeds", resample_seeds)
+    if fdr is not None:
+        check_real("fdr", fdr, 0.0, 1.0, lo_open=True, hi_open=True)
     recall = _recall_kwargs(occluded_recall_kwargs)
     names, seeds = _check_runs(runs, reference)
     gt_data = None
@@ -412,8 +450,19 @@ def compare_runs(gt, runs: dict, *, reference: str, iou_type: str = "bbox", n_bo
             a, b = mean[reference][k], mean[m][k]
             has = a is not None and b is not None
             diff[m][k] = {"a": a, "b": b, "diff": b - a if has else None, "low": low, "high": high,
+                          "p": bootstrap_p(boots[m][k]) if has else None, "p_adjusted": None,
                           "significant": bool(low is not None and (low > 0 or high < 0)), "verdict": verdict(low, high)}
-    return {"n_boot": n_boot, "seed": seed, "confidence": confidence, "resample_seeds": resample_seeds,
+    if fdr is not None:
+        adjusted = benjamini_hochberg({(m, k): diff[m][k]["p"] for m in others for k in metrics}, fdr)
+        for m in others:
+            for k in metrics:
+                c = diff[m][k]
+                p_adj, rejected = adjusted.get((m, k), (None, False))
+                c["p_adjusted"] = p_adj
+                c["significant"] = bool(rejected and c["low"] is not None)
+                c["verdict"] = ("no evidence" if not c["significant"] or c["diff"] is None
+                                else "helps" if c["diff"] > 0 else "hurts")
+    return {"n_boot": n_boot, "seed": seed, "confidence": confidence, "resample_seeds": resample_seeds, "fdr": fdr,
             "num_images": n, "reference": reference, "models": names, "seeds": seeds, "metrics": metrics,
             "values": {m: {str(s): values[m][s] for s in seeds} for m in names}, "mean": mean, "std": std,
             "diff": diff}
