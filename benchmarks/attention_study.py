@@ -1,26 +1,34 @@
 """Does attention help small and occluded objects? One grid of training runs, one table.
 
-Every run trains the detector of one base config (default ``configs/quickstart.yaml``) with the
-same data, schedule and seeds; only the attention changes: none (``baseline``), a block plugged into
-the backbone's residual blocks (``se``, ``eca``, ``cbam``, ``coord``, ``gc``; ECA-Net, SENet, CBAM,
-Coordinate Attention, GCNet), a token block in the backbone's last stage only (``window``: Swin,
-``sra``: PVT), or attention in the FPN neck (``scale``: DyHead's scale-aware attention, and any other
-neck attention ``visattn.models.build_detector`` accepts from :data:`NECK_CANDIDATES`). Each run's
-validation predictions and evaluation report are kept; then :func:`visattn.evaluation.compare.compare_runs`
-compares every variant with the baseline by a bootstrap that resamples images and seeds (paired),
-and the results go to ``benchmarks/results/attention-study-<device>.{md,json,png}``.
+Every run trains the detector of one base config (default ``configs/study_cpu.yaml``: FCOS on
+ResNet-10t with P2, from scratch, on the synthetic small/occluded benchmark) with the same data,
+schedule and seeds; only the attention changes: none (``baseline``), a block plugged into the
+backbone's residual blocks as its paper wires it (``se``, ``eca``, ``cbam``, ``coord``, ``gc``,
+``simam``), the same SE behind visattn's zero-initialised gate (``se_gated``), a token block in the
+backbone's last stage only (``window``: Swin; ``sra``: PVT, on request), attention in the FPN neck
+(``scale``: DyHead's scale-aware attention; ``dyhead`` and ``deformable`` on request), and one
+non-attention lever for scale (``no_p2``: the detector without its stride-4 level). Each run's
+validation predictions and evaluation report are kept; then
+:func:`visattn.evaluation.compare.compare_runs` compares every variant with the baseline by a
+bootstrap that resamples images and seeds (paired), the false discovery rate is controlled over the
+table (Benjamini-Hochberg), and the results go to ``benchmarks/results/attention-study-<device>.*``.
 
-    python benchmarks/attention_study.py                                  # the full grid, 3 seeds
-    python benchmarks/attention_study.py --variants baseline,se,eca,cbam --seeds 2 \\
-        --max-epochs 3 --num-train 300 --num-val 100 --image-size 128      # a reduced look
+    python benchmarks/attention_study.py                     # the CPU grid, 3 seeds, resumable
+    python benchmarks/attention_study.py --analyze-only      # the table again from the kept runs
 
 A run lives in ``<work dir>/<settings hash>/<variant>-seed<k>/``: its ``study-config.yaml`` (train it
-alone with ``python train.py fit --config <that file>``; the CLI saves the resolved form as
-``config.yaml``), ``predictions.json``, ``report/`` and, written last, ``result.json`` with the
-sha256 of the other three. A run whose ``result.json`` verifies is not
-redone; any other (interrupted, half written, edited) is cleared and redone, so an interrupted grid
-resumes by running the same command again. ``--parallel N`` trains N runs side by side (separate
-processes; on one GPU they share it).
+alone with ``python train.py fit --config <that file>``), ``predictions.json``, ``report/`` and,
+written last, ``result.json`` with the sha256 of the others, the git commit, the code state
+(:func:`code_state`: a hash of visattn's sources, train.py and the training libraries' versions),
+FLOPs, learned gates and the machine load. A run whose ``result.json`` verifies is not redone;
+any other (interrupted, half written, edited) is cleared and redone, so an interrupted grid resumes
+by running the same command again. Runs trained at another code state are refused (or retrained
+with ``--redo-stale``): continue such a grid from a git worktree at their commit.
+
+Every finished run is also kept in ``<out dir>/attention-study-<device>/<variant>-seed<k>/``
+(config, report, result, predictions as ``.json.gz``) with the validation ground truth and the grid
+command; those files are committed, and ``--analyze-only`` rebuilds the results from them alone, on
+any machine, byte for byte. ``--parallel N`` trains N runs side by side (separate processes).
 """
 from __future__ import annotations
 
@@ -48,13 +56,21 @@ from visattn._io import atomic_path, atomic_write_json, atomic_write_text
 
 #: Candidate variants in table order: name -> (kind, build_detector arguments). ``attention_stages``
 #: ``"last"`` is resolved to the backbone's last stage. Neck candidates are kept only when the
-#: installed ``build_detector`` accepts them (see :func:`available_variants`).
-BACKBONE_BLOCKS = ("se", "eca", "cbam", "coord", "gc")
+#: installed ``build_detector`` accepts them (see :func:`available_variants`). Backbone and token
+#: blocks are wired as their papers train them from scratch (``attention_gate="none"``); the
+#: ``se_gated`` row puts the most common block behind visattn's zero-initialised gate instead, so a
+#: reader sees what the gate costs or buys. ``no_p2`` is the non-attention lever for scale: the same
+#: detector without the stride-4 level (P2), so attention can be weighed against it.
+BACKBONE_BLOCKS = ("se", "eca", "cbam", "coord", "gc", "simam")
 TOKEN_BLOCKS = ("window", "sra")
 NECK_CANDIDATES = ("scale", "dyhead", "deformable")
+GATED = {"se_gated": "se"}
+LEVERS = {"no_p2": ("lever: no P2 level", {"p2": False})}
 REFERENCE = "baseline"
-#: The default grid: every available variant but ``sra`` (one token block is enough; ask for it).
-NOT_BY_DEFAULT = ("sra",)
+DEFAULT_CONFIG = "configs/study_cpu.yaml"
+#: The default grid: every available variant but these (one token block and one neck attention are
+#: enough on a CPU; ask for the others with --variants).
+NOT_BY_DEFAULT = ("sra", "dyhead", "deformable")
 #: Table columns, as :data:`visattn.evaluation.compare.RUN_METRICS` names them.
 SIZE_COLUMNS = ("AP_very_tiny", "AP_tiny", "AP_small", "AP_medium", "AP_large")
 OCC_COLUMNS = ("AP_occ_none", "AP_occ_partial", "AP_occ_heavy")
@@ -63,6 +79,15 @@ RESULT = "result.json"
 OWNER = "owner.pid"
 #: The run's config as the study wrote it (the training CLI writes its resolved form to config.yaml).
 RUN_CONFIG = "study-config.yaml"
+#: What is kept of a finished run in the results folder (``--archive-dir``), so that
+#: ``--analyze-only`` rebuilds the table from committed files alone: the predictions compressed.
+ARCHIVED = (RUN_CONFIG, RESULT, "report/report.json", "report/report.md")
+ARCHIVE_GT = "val-gt.json.gz"
+#: The false discovery rate controlled over the whole comparison table (Benjamini-Hochberg).
+FDR = 0.05
+#: The recipe's goals (issue 25): the baseline reaches this AP, and its last evaluation gains less
+#: than this over the one before (a flat curve).
+GOAL_AP, GOAL_FLAT = 0.20, 0.015
 #: The full grid on one GPU (benchmarks/study_gpu.sh): the quickstart's data and model, 3 seeds,
 #: twice the quickstart's schedule (its val/AP still rose at epoch 6; the curve every 3 epochs shows
 #: whether 12 reach the plateau), several runs side by side.
@@ -77,9 +102,12 @@ GPU_ARGS = ("--accelerator", "gpu", "--seeds", "3", "--max-epochs", "12", "--val
 def candidate_variants() -> dict[str, tuple[str, dict]]:
     """Every variant the study knows, in table order: ``name -> (kind, model arguments)``."""
     out: dict[str, tuple[str, dict]] = {REFERENCE: ("none", {})}
-    out.update({b: ("backbone", {"attention": b}) for b in BACKBONE_BLOCKS})
-    out.update({b: ("token, last stage", {"attention": b, "attention_stages": "last"}) for b in TOKEN_BLOCKS})
+    out.update({b: ("backbone", {"attention": b, "attention_gate": "none"}) for b in BACKBONE_BLOCKS})
+    out.update({n: ("backbone, zero gate", {"attention": b, "attention_gate": "zero"}) for n, b in GATED.items()})
+    out.update({b: ("token, last stage", {"attention": b, "attention_stages": "last", "attention_gate": "none"})
+                for b in TOKEN_BLOCKS})
     out.update({n: ("neck", {"neck_attention": n}) for n in NECK_CANDIDATES})
+    out.update(LEVERS)
     return out
 
 
@@ -149,14 +177,14 @@ def _variant_list(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attention_study.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/quickstart.yaml", help="base training config (train.py)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"base training config (train.py), default {DEFAULT_CONFIG}")
     p.add_argument("--variants", default=None,
                    help=f"comma-separated, must include {REFERENCE!r} (default: every available one but "
                         f"{', '.join(NOT_BY_DEFAULT)})")
     p.add_argument("--seeds", default="3", help="number of seeds (0..N-1), default 3")
     p.add_argument("--max-epochs", default=None, help="epochs per run (default: the config's)")
-    p.add_argument("--val-every", default=None,
-                   help="validate every N epochs (a learning curve; must divide the epochs), default: at the end")
+    p.add_argument("--val-every", default="1",
+                   help="validate every N epochs (the learning curve; must divide the epochs), default 1")
     p.add_argument("--num-train", default=None, help="synthetic training images (default: the config's)")
     p.add_argument("--num-val", default=None, help="synthetic validation images (default: the config's)")
     p.add_argument("--image-size", default=None, help="synthetic image side and detector input size")
@@ -171,7 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", default=None,
                    help="seconds: start no run after this long (the rest waits for the next invocation)")
     p.add_argument("--note", default="", help="a line printed at the top of the results file")
-    p.add_argument("--analyze-only", action="store_true", help="only (re)write the results from finished runs")
+    p.add_argument("--archive-dir", default=None,
+                   help="where finished runs are kept for the table (default <out dir>/attention-study-<cpu|gpu>)")
+    p.add_argument("--redo-stale", action="store_true",
+                   help="retrain finished runs whose code state differs from this checkout's (else refused)")
+    p.add_argument("--analyze-only", action="store_true",
+                   help="only (re)write the results from the kept runs (no data, no training)")
     p.add_argument("--list-variants", action="store_true", help="print the variants and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: train one run dir
     return p
@@ -192,6 +225,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.time_budget = None if a.time_budget is None else _int("--time-budget", a.time_budget, 1)
     if a.accelerator is not None and a.accelerator not in DEVICES:
         raise ValueError(f"--accelerator must be one of {', '.join(DEVICES)}, got {a.accelerator!r}")
+    if a.config == DEFAULT_CONFIG and not Path(a.config).is_file():
+        a.config = str(ROOT / DEFAULT_CONFIG)  # run from another folder
     if not Path(a.config).is_file():
         raise ValueError(f"--config: no such file {a.config!r}")
     for opt in ("work_dir", "out_dir"):
@@ -220,7 +255,7 @@ def base_config(args: argparse.Namespace) -> dict:
 
     config = yaml.safe_load(Path(args.config).read_text())
     model = _model_args(config)
-    for key in ("attention", "attention_stages", "attention_kwargs", "neck_attention"):
+    for key in ("attention", "attention_stages", "attention_kwargs", "attention_gate", "neck_attention"):
         model.pop(key, None)
     trainer = config.setdefault("trainer", {})
     data = config.setdefault("data", {}).setdefault("init_args", {})
@@ -276,6 +311,12 @@ def run_config(base: dict, variant: str, seed: int, run_dir: Path, stage: int) -
     return config
 
 
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
+
+
 def _yaml(config: dict) -> str:
     import yaml
 
@@ -289,6 +330,72 @@ def _sha256(path: Path) -> str:
 def settings_key(base: dict) -> str:
     """A short hash of the settings every run shares: runs of other settings go elsewhere."""
     return hashlib.sha256(_yaml(base).encode()).hexdigest()[:10]
+
+
+#: What decides how a run trains besides its config: the package's sources and train.py.
+CODE_PATHS = ("visattn", "train.py")
+#: ... and the libraries that train (CPU training is not reproducible across torch versions).
+TRAINING_LIBRARIES = ("torch", "torchvision", "timm", "lightning", "numpy")
+
+
+def code_state(root: Path = ROOT) -> dict:
+    """The code state a run trains with: ``{"code_state": hash, "versions": {...}}``, the hash over
+    every ``.py`` file of :data:`CODE_PATHS` (path and bytes, sorted) and the versions of
+    :data:`TRAINING_LIBRARIES`. Two runs of one table must share it (see :func:`check_code_states`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    h = hashlib.sha256()
+    files = []
+    for rel in CODE_PATHS:
+        path = root / rel
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    for f in sorted(files, key=lambda f: f.relative_to(root).as_posix()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    versions = {}
+    for lib in TRAINING_LIBRARIES:
+        try:
+            versions[lib] = version(lib)
+        except PackageNotFoundError:
+            versions[lib] = None
+    h.update(json.dumps(versions, sort_keys=True).encode())
+    return {"code_state": h.hexdigest()[:16], "versions": versions}
+
+
+def git_commit(root: Path = ROOT) -> str:
+    """``HEAD``'s commit of ``root``, with ``+dirty`` when :data:`CODE_PATHS` have uncommitted
+    changes there; ``"unknown"`` outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", *CODE_PATHS],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def check_code_states(results: dict[tuple[str, int], dict], current: str | None = None) -> None:
+    """Refuse a table (or a grid) whose runs trained at different code states: ``ValueError``
+    naming, per state, its commit and its runs, and which runs to redo (those outside the state of
+    the most runs, or, given ``current``, outside it)."""
+    groups: dict[str, list[tuple[str, int]]] = {}
+    commits: dict[str, set] = {}
+    for key, r in sorted(results.items()):
+        state = r.get("code_state") or "unrecorded"
+        groups.setdefault(state, []).append(key)
+        commits.setdefault(state, set()).add(r.get("git_commit", "unknown"))
+    keep = current if current is not None else max(groups, key=lambda g: (len(groups[g]), g), default=None)
+    stale = {g: runs for g, runs in groups.items() if g != keep}
+    if not stale:
+        return
+    lines = [f"  code state {g} (commit {', '.join(sorted(commits[g]))}): "
+             + ", ".join(f"{v}-seed{s}" for v, s in runs) for g, runs in sorted(stale.items())]
+    where = ("this checkout's" if current is not None else
+             f"the code state of most runs ({keep}, commit {', '.join(sorted(commits.get(keep, {'unknown'})))})")
+    raise ValueError("runs of one table must share the code that trains them; these runs differ from "
+                     f"{where}:\n" + "\n".join(lines) + "\nredo them at one code state (--redo-stale retrains "
+                     "them here), or continue the grid from a git worktree at their commit "
+                     "(git worktree add ../study <commit>)")
 
 
 def verify_run(run_dir: Path, config_text: str) -> dict | None:
@@ -355,6 +462,25 @@ def _collector():
     return Collector()
 
 
+def forward_flops(model, size: int) -> int:
+    """Floating-point operations of one eval-mode forward of ``model`` on a ``size``-square image,
+    as :class:`torch.utils.flop_counter.FlopCounterMode` counts them (convolutions, matrix products,
+    attention; a multiply-add is 2), in float32 with autocast off."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        with torch.no_grad(), torch.autocast(p.device.type, enabled=False), \
+                FlopCounterMode(display=False) as counter:
+            model([torch.rand(3, size, size, device=p.device, dtype=p.dtype)])
+    finally:
+        model.train(was)
+    return int(counter.get_total_flops())
+
+
 def train_one(run_dir: Path, threads: int) -> None:
     """Train the run in ``run_dir`` (its ``study-config.yaml``) and write its outputs, ``result.json`` last."""
     import torch
@@ -364,6 +490,7 @@ def train_one(run_dir: Path, threads: int) -> None:
     torch.set_num_threads(threads)
     sys.argv = sys.argv[:1]  # the CLI reads args= below, not this script's options
     start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     collector = _collector()
     import lightning as L
 
@@ -378,8 +505,16 @@ def train_one(run_dir: Path, threads: int) -> None:
         raise RuntimeError(f"{run_dir}: the training CLI wrote no report at {report}")
     model = cli.model.model
     device = cli.trainer.strategy.root_device
+    from visattn.plug import gate_values
+
+    size = (_model_args(yaml_load(run_dir / RUN_CONFIG)).get("detector_kwargs") or {}).get("min_size", 800)
+    gates = gate_values(model)
     result = {
+        **code_state(), "git_commit": git_commit(), "settings": run_dir.parent.name,
         "params": sum(p.numel() for p in model.parameters()),
+        "flops": forward_flops(model, int(size)), "flops_image_size": int(size),
+        "gate_values": gates, "gate_mean": sum(gates.values()) / len(gates) if gates else None,
+        "load_start": load_start, "load_end": os.getloadavg()[0], "cpus": os.cpu_count(),
         "train_images": collector.images, "train_seconds": collector.seconds,
         "train_images_per_s": collector.images / collector.seconds if collector.seconds else None,
         "wall_s": time.perf_counter() - start, "threads": threads, "val_AP_by_epoch": collector.curve,
@@ -446,19 +581,120 @@ def _owner_alive(run_dir: Path) -> int | None:
     return pid
 
 
-def run_grid(args: argparse.Namespace, runs: list, launch=_launch) -> dict[tuple[str, int], dict]:
+def archive_dir(args: argparse.Namespace) -> Path:
+    """Where finished runs are kept for the table (``--archive-dir``; default
+    ``<out dir>/attention-study-<cpu|gpu>``)."""
+    if args.archive_dir:
+        return Path(args.archive_dir)
+    return Path(args.out_dir) / f"attention-study-{'gpu' if args.accelerator == 'gpu' else 'cpu'}"
+
+
+def _gz_bytes(data: bytes) -> bytes:
+    """gzip of ``data`` with no name and no time in the header: the same bytes on every machine."""
+    import gzip
+
+    return gzip.compress(data, compresslevel=9, mtime=0)
+
+
+def archive_run(run_dir: Path, dest: Path) -> None:
+    """Keep a finished run in the results folder: :data:`ARCHIVED` as they are and the predictions
+    as ``predictions.json.gz``; ``result.json`` is written last (a folder without it is unfinished)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVED:
+        if name != RESULT and (run_dir / name).is_file():
+            target = dest / name.replace("/", "-")
+            atomic_write_text(target, (run_dir / name).read_text())
+    with atomic_path(dest / "predictions.json.gz") as tmp:
+        Path(tmp).write_bytes(_gz_bytes((run_dir / "predictions.json").read_bytes()))
+    atomic_write_text(dest / RESULT, (run_dir / RESULT).read_text())
+
+
+def archive_study(dest: Path, base: dict, gt: str, argv: list[str]) -> None:
+    """Keep what the table needs besides the runs: the validation ground truth (compressed) and the
+    base config and command of the grid (``study.json``)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    data = Path(gt).read_bytes()
+    if not (dest / ARCHIVE_GT).is_file() or _gunzip(dest / ARCHIVE_GT) != data:
+        with atomic_path(dest / ARCHIVE_GT) as tmp:
+            Path(tmp).write_bytes(_gz_bytes(data))
+    meta = {"settings": settings_key(base), "base_config": base,
+            "command": "python benchmarks/attention_study.py " + shlex.join(_public_argv(argv))}
+    atomic_write_json(dest / "study.json", meta, indent=1)
+
+
+def _public_argv(argv: list[str]) -> list[str]:
+    """The grid's command line without the options that only say where files go on this machine."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--work-dir", "--out-dir", "--archive-dir", "--time-budget"):
+            skip = True
+            continue
+        if a.split("=", 1)[0] in ("--work-dir", "--out-dir", "--archive-dir", "--time-budget"):
+            continue
+        out.append(a)
+    return out
+
+
+def _gunzip(path: Path) -> bytes:
+    import gzip
+
+    return gzip.decompress(path.read_bytes())
+
+
+def read_archive(dest: Path) -> tuple[dict, dict, dict[tuple[str, int], dict], dict[tuple[str, int], list]]:
+    """``(study meta, ground truth, {(variant, seed): result}, {(variant, seed): predictions})`` of
+    every archived run whose files match the sha256 its ``result.json`` recorded; a run folder that
+    does not verify is a ``ValueError`` naming it (a committed table must not rest on edited files)."""
+    if not (dest / "study.json").is_file():
+        raise ValueError(f"no archived study in {dest} (study.json missing); run the grid first")
+    meta = json.loads((dest / "study.json").read_text())
+    gt = json.loads(_gunzip(dest / ARCHIVE_GT))
+    results, preds = {}, {}
+    for run in sorted(p for p in dest.iterdir() if p.is_dir() and (p / RESULT).is_file()):
+        variant, _, seed = run.name.rpartition("-seed")
+        if not variant or not seed.isdigit():
+            continue
+        result = json.loads((run / RESULT).read_text())
+        raw = _gunzip(run / "predictions.json.gz")
+        checks = {"predictions.json": raw, RUN_CONFIG: (run / RUN_CONFIG).read_bytes(),
+                  "report/report.json": (run / "report-report.json").read_bytes()}
+        for name, data in checks.items():
+            if hashlib.sha256(data).hexdigest() != result["sha256"][name]:
+                raise ValueError(f"{run}: {name} does not match the sha256 in its {RESULT}; the archived run "
+                                 "was edited or damaged (retrain it, or restore it from git)")
+        results[(variant, int(seed))] = result
+        preds[(variant, int(seed))] = json.loads(raw)
+    return meta, gt, results, preds
+
+
+def run_grid(args: argparse.Namespace, runs: list, launch=_launch,
+             current: str | None = None) -> dict[tuple[str, int], dict]:
     """Train the runs that are not finished (``args.parallel`` at a time); ``{(variant, seed): result}``
     of the finished ones. A failed run is reported and left for the next invocation. A run that
     another live invocation is training (its ``owner.pid``) is left to it, so two invocations can
-    share a work dir."""
+    share a work dir. Finished runs whose recorded code state differs from ``current`` (this
+    checkout's, when given) are refused (:func:`check_code_states`), or retrained with
+    ``args.redo_stale``. Every finished run is archived (:func:`archive_run`) when
+    ``args.archive`` is set."""
     done, todo = {}, []
     for variant, seed, run_dir, text in runs:
         result = verify_run(run_dir, text)
-        if result is not None:
+        stale = (result is not None and current is not None and result.get("code_state") != current)
+        if result is not None and not (stale and getattr(args, "redo_stale", False)):
             done[(variant, seed)] = result
             print(f"[study] {variant} seed {seed}: finished before, kept", flush=True)
         else:
             todo.append((variant, seed, run_dir, text))
+    if current is not None and not args.analyze_only:
+        check_code_states(done, current)
+    keep = getattr(args, "archive", None)
+    if keep is not None:
+        for variant, seed, run_dir, _ in runs:
+            if (variant, seed) in done and not (keep / f"{variant}-seed{seed}" / RESULT).is_file():
+                archive_run(run_dir, keep / f"{variant}-seed{seed}")
     if args.analyze_only:
         return done
 
@@ -470,14 +706,14 @@ def run_grid(args: argparse.Namespace, runs: list, launch=_launch) -> dict[tuple
             print(f"[study] {variant} seed {seed}: not started (--time-budget {args.time_budget} s spent)", flush=True)
             return (variant, seed), None
         result = verify_run(run_dir, text)  # finished by another invocation meanwhile?
-        if result is not None:
+        if result is not None and (current is None or result.get("code_state") == current):
             return (variant, seed), result
         other = _owner_alive(run_dir)
         if other is not None:
             print(f"[study] {variant} seed {seed}: being trained by process {other}, left to it", flush=True)
             return (variant, seed), None
         if run_dir.exists():
-            shutil.rmtree(run_dir)  # half written or stale: redo from scratch
+            shutil.rmtree(run_dir)  # half written, stale or to redo: from scratch
         run_dir.mkdir(parents=True)
         atomic_write_text(run_dir / OWNER, str(os.getpid()))
         atomic_write_text(run_dir / RUN_CONFIG, text)
@@ -486,6 +722,8 @@ def run_grid(args: argparse.Namespace, runs: list, launch=_launch) -> dict[tuple
         result = verify_run(run_dir, text) if code == 0 else None
         status = "done" if result is not None else f"FAILED (exit {code}; see {run_dir / 'log.txt'})"
         print(f"[study] {variant} seed {seed}: {status} in {seconds:.0f} s", flush=True)
+        if result is not None and keep is not None:
+            archive_run(run_dir, keep / f"{variant}-seed{seed}")
         return (variant, seed), result
 
     with cf.ThreadPoolExecutor(max_workers=args.parallel) as pool:
@@ -507,35 +745,94 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(args, base: dict, gt: str, runs: list, done: dict, n_boot: int) -> dict:
-    """Per variant: params, speed, metrics (mean, std over seeds); against the baseline: difference,
-    interval and verdict per metric (:func:`visattn.evaluation.compare.compare_runs`)."""
+#: The comparison table's columns: overall, the size bins, the occlusion buckets, and for the
+#: occlusion buckets the measures that keep a signal where AP does not (AP50 and AR100).
+COMPARE_COLUMNS = ("AP", "APs", *SIZE_COLUMNS, *OCC_COLUMNS, "AP50_occ_partial", "AP50_occ_heavy",
+                   "AR_occ_partial", "AR_occ_heavy", "occluded_recall")
+
+
+def summarize(variants: list[str], seeds: list[int], gt, results: dict, preds: dict, n_boot: int) -> dict:
+    """Per variant: cost (params, FLOPs, training speed), gates and metrics (mean, std over seeds);
+    against the baseline: difference, interval, BH-adjusted p and verdict per metric
+    (:func:`visattn.evaluation.compare.compare_runs` with ``fdr=FDR`` over :data:`COMPARE_COLUMNS`).
+    Only variants with every seed finished are compared; the others are listed as missing."""
     from visattn.evaluation.compare import compare_runs
 
-    complete = [v for v in args.variants if all((v, s) in done for s in args.seeds)]
+    complete = [v for v in variants if all((v, s) in results for s in seeds)]
     if REFERENCE not in complete:
         raise RuntimeError(f"the {REFERENCE} has unfinished runs; rerun the same command to finish the grid")
-    paths = {(v, s): d / "predictions.json" for v, s, d, _ in runs}
-    preds = {v: {s: json.loads(paths[(v, s)].read_text()) for s in args.seeds} for v in complete}
-    comp = compare_runs(gt, preds, reference=REFERENCE, n_boot=n_boot, seed=0)
-    variants = {}
+    check_code_states({k: results[k] for k in results if k[0] in complete and k[1] in seeds})
+    runs = {v: {s: preds[(v, s)] for s in seeds} for v in complete}
+    comp = compare_runs(gt, runs, reference=REFERENCE, n_boot=n_boot, seed=0, fdr=None)
+    # the false discovery rate is controlled over the table's columns only (the cells a reader
+    # looks at), so the procedure is run here on the bootstrap p-values compare_runs returns
+    from visattn.evaluation.compare import benjamini_hochberg
+
+    cells = {(v, m): comp["diff"][v][m]["p"] for v in complete if v != REFERENCE for m in COMPARE_COLUMNS
+             if m in comp["metrics"]}
+    adjusted = benjamini_hochberg(cells, FDR)
+    comparison = {}
     for v in complete:
-        res = [done[(v, s)] for s in args.seeds]
-        kind, model_args = candidate_variants()[v]
-        variants[v] = {"kind": kind, "model_args": model_args, "params": res[0]["params"],
-                       "train_images_per_s": _mean([r["train_images_per_s"] for r in res]),
-                       "wall_s": [r["wall_s"] for r in res], "mean": comp["mean"][v], "std": comp["std"][v],
-                       "val_AP_by_epoch": {str(s): r.get("val_AP_by_epoch") for s, r in zip(args.seeds, res, strict=True)},
-                       "per_seed": comp["values"][v],
-                       "runs": {str(s): str(paths[(v, s)].parent) for s in args.seeds}}
-    return {"variants": variants, "comparison": {v: comp["diff"][v] for v in complete if v != REFERENCE},
-            "missing": [v for v in args.variants if v not in complete], "num_images": comp["num_images"],
-            "n_boot": n_boot, "confidence": comp["confidence"], "metrics": comp["metrics"],
-            "devices": sorted({done[k]["device"] for k in done})}
+        if v == REFERENCE:
+            continue
+        comparison[v] = {}
+        for m in comp["metrics"]:
+            c = dict(comp["diff"][v][m])
+            p_adj, rejected = adjusted.get((v, m), (None, False))
+            c["p_adjusted"] = p_adj
+            c["significant"] = bool(rejected and c["diff"] is not None)
+            c["verdict"] = ("no evidence" if not c["significant"] else "helps" if c["diff"] > 0 else "hurts")
+            comparison[v][m] = c
+    out = {}
+    for v in complete:
+        res = [results[(v, s)] for s in seeds]
+        kind, model_args = candidate_variants().get(v, ("?", {}))
+        gates = [r.get("gate_mean") for r in res]
+        out[v] = {"kind": kind, "model_args": model_args, "params": res[0]["params"],
+                  "flops": res[0].get("flops"), "flops_image_size": res[0].get("flops_image_size"),
+                  "train_images_per_s": _mean([r["train_images_per_s"] for r in res]),
+                  "wall_s": [r["wall_s"] for r in res], "mean": comp["mean"][v], "std": comp["std"][v],
+                  "gate_mean": None if any(g is None for g in gates) else gates,
+                  "gate_range": _gate_range(res),
+                  "val_AP_by_epoch": {str(s): r.get("val_AP_by_epoch") for s, r in zip(seeds, res, strict=True)},
+                  "per_seed": comp["values"][v]}
+    return {"variants": out, "comparison": comparison, "missing": [v for v in variants if v not in complete],
+            "num_images": comp["num_images"], "n_boot": n_boot, "confidence": comp["confidence"], "fdr": FDR,
+            "fdr_cells": len(cells), "metrics": comp["metrics"], "seeds": seeds,
+            "devices": sorted({results[k]["device"] for k in results if k[0] in complete}),
+            "commits": sorted({results[k].get("git_commit", "unknown") for k in results if k[0] in complete}),
+            "code_states": sorted({results[k].get("code_state") or "unrecorded" for k in results if k[0] in complete}),
+            "versions": next((results[k].get("versions") for k in sorted(results) if k[0] in complete), None),
+            "load": _load_range([results[k] for k in results if k[0] in complete])}
+
+
+def _gate_range(res: list[dict]) -> list[float] | None:
+    values = [g for r in res for g in (r.get("gate_values") or {}).values()]
+    return [min(values), max(values), sum(v < 0 for v in values) / len(values)] if values else None
+
+
+def _load_range(res: list[dict]) -> list[float] | None:
+    loads = [r[k] for r in res for k in ("load_start", "load_end") if r.get(k) is not None]
+    return [min(loads), max(loads)] if loads else None
+
+
+def convergence(study: dict) -> dict:
+    """The recipe's goals on the baseline's curves: per seed the last AP and the gain of the last
+    evaluation over the one before; ``ok`` when every seed reaches :data:`GOAL_AP` with a gain
+    under :data:`GOAL_FLAT`."""
+    per_seed = {}
+    for seed, curve in (study["variants"][REFERENCE].get("val_AP_by_epoch") or {}).items():
+        if not curve:
+            continue
+        last = curve[-1][1]
+        gain = last - curve[-2][1] if len(curve) > 1 else None
+        per_seed[seed] = {"AP": last, "gain": gain,
+                          "ok": last >= GOAL_AP and gain is not None and gain < GOAL_FLAT}
+    return {"per_seed": per_seed, "ok": bool(per_seed) and all(r["ok"] for r in per_seed.values())}
 
 
 def _pct(v: float | None, digits: int = 1) -> str:
-    return "-" if v is None else f"{100 * v:.{digits}f}"
+    return "-" if v is None or v < 0 else f"{100 * v:.{digits}f}"
 
 
 def _signed(v: float | None) -> str:
@@ -543,83 +840,116 @@ def _signed(v: float | None) -> str:
 
 
 def _label(metric: str) -> str:
-    return metric.replace("AP_occ_", "occ ").replace("AP_", "").replace("occluded_recall", "occ. recall")
+    return (metric.replace("AP50_occ_", "AP50 occ ").replace("AR_occ_", "AR occ ").replace("AP_occ_", "occ ")
+            .replace("AP_", "").replace("occluded_recall", "occ. recall"))
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
 def format_markdown(study: dict, meta: dict) -> str:
-    """The results file: settings, commands, the per-variant table, the comparison and the figure."""
+    """The results file, made from the archived runs alone (the same bytes from the same runs)."""
     s, lines = study, []
-    metrics = [m for m in s["metrics"]]
     device = meta["device_label"]
+    conv = convergence(s)
     lines.append(f"# Does attention help small and occluded objects? ({device})\n")
-    if meta["reduced"]:
-        lines.append("> **Reduced CPU-scale grid, not the answer.** Tiny schedule and data (below) on a shared "
-                     "2-core CPU: the models are far from converged and the intervals are wide. The real "
-                     "grid needs a GPU: see *GPU command*.\n")
     if meta.get("note"):
         lines.append(f"> {meta['note']}\n")
-    lines.append(f"Settings: {meta['settings']}. Seeds {meta['seeds']}; validation {s['num_images']} images. "
-                 f"visattn {meta['version']}, torch {meta['torch']}, device {', '.join(s['devices'])}. "
-                 f"Training time summed over the runs (several ran side by side): {meta['train_min']:.1f} min; "
-                 f"this invocation{' (analysis only)' if meta.get('analyze_only') else ''}: {meta['wall_min']:.1f} min.\n")
-    curves = s["variants"][REFERENCE].get("val_AP_by_epoch") or {}
-    if any(c and len(c) > 1 for c in curves.values()):
-        text = "; ".join(f"seed {seed}: " + ", ".join(f"{e}: {_pct(ap)}" for e, ap in c) for seed, c in curves.items() if c)
-        lines.append(f"Baseline val AP by epoch (has it plateaued?): {text}.\n")
+    versions = s.get("versions") or {}
+    load = s.get("load")
+    lines.append(f"Runs trained at commit {', '.join(s['commits'])} (code state {', '.join(s['code_states'])}), "
+                 + ", ".join(f"{k} {v}" for k, v in versions.items())
+                 + f"; device {', '.join(s['devices'])}; machine load (1-min average) during the runs "
+                 + ("-" if load is None else f"{load[0]:.2f}-{load[1]:.2f}") + f". Training time summed over the "
+                 f"runs: {meta['train_min']:.0f} min.\n")
+    lines.append(f"Settings: {meta['settings']}. Seeds {s['seeds']}; validation {s['num_images']} images.\n")
+    lines.append(f"Grid command: `{meta['command']}`; this file again from the committed runs: "
+                 f"`python benchmarks/attention_study.py {meta['analyze_args']} --analyze-only`.\n")
+    lines.append("## Recipe: has the baseline converged?\n")
+    rows = [[seed, _pct(r["AP"]), "-" if r["gain"] is None else f"{100 * r['gain']:+.1f}",
+             "PASS" if r["ok"] else "FAIL"] for seed, r in conv["per_seed"].items()]
+    lines += _table(["baseline seed", "final AP", "gain over the evaluation before", "goal (>= 20 AP, gain < 1.5)"], rows)
+    lines.append(f"Validation AP by epoch of every run: [{meta['curves']}]({meta['curves']}).\n")
     lines.append("## Per variant (mean ± std over seeds, %)\n")
-    head = ["variant", "where", "params (M)", "train img/s", *(_label(m) for m in metrics)]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
+    show = ["AP", "AP50", "APs", *SIZE_COLUMNS, *OCC_COLUMNS, "AR_occ_heavy", "occluded_recall"]
+    head = ["variant", "where", "params (M)", "GFLOPs", "train img/s", "gate", *(_label(m) for m in show)]
+    rows = []
     for v, r in s["variants"].items():
         speed = "-" if r["train_images_per_s"] is None else f"{r['train_images_per_s']:.1f}"
-        cells = [v, r["kind"], f"{r['params'] / 1e6:.2f}", speed]
-        cells += [f"{_pct(r['mean'][m])} ± {_pct(r['std'][m])}" if r["mean"][m] is not None else "-" for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(f"## Against the baseline: difference [{100 * s['confidence']:.0f}% interval], verdict\n")
-    lines.append(f"Paired bootstrap ({s['n_boot']} replicates) resampling the validation images and the seeds "
-                 "(the same draw for both models); each model's value is its mean over the drawn seeds. "
-                 "**helps** / **hurts**: the interval lies above / below 0; *no evidence*: it contains 0. "
-                 f"With {len(metrics)} columns per variant, expect about one interval in twenty to exclude 0 "
-                 "by chance alone (no correction for multiple comparisons).\n")
-    head = ["variant", *(_label(m) for m in metrics)]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
+        flops = "-" if r.get("flops") is None else f"{r['flops'] / 1e9:.2f}"
+        gate = "-" if r.get("gate_mean") is None else f"{sum(r['gate_mean']) / len(r['gate_mean']):+.2f}"
+        cells = [v, r["kind"], f"{r['params'] / 1e6:.2f}", flops, speed, gate]
+        cells += [f"{_pct(r['mean'][m])} ± {_pct(r['std'][m])}" if r["mean"].get(m) is not None else "-" for m in show]
+        rows.append(cells)
+    lines += _table(head, rows)
+    size = next((r.get("flops_image_size") for r in s["variants"].values() if r.get("flops_image_size")), None)
+    lines.append(f"GFLOPs: one forward at {size} px (torch's FlopCounterMode; a multiply-add counts 2). "
+                 "train img/s: training images per second of the run (data, forward, backward, step), mean over "
+                 "seeds. gate: the mean learned gate of the zero-gated blocks (``y + g * (block(y) - y)``), mean "
+                 "over seeds; '-' where blocks are applied as their papers do (no gate).\n")
+    lines.append(f"## Against the baseline: difference [{100 * s['confidence']:.0f}% interval]\n")
+    lines.append(f"Paired bootstrap ({s['n_boot']} replicates) resampling the validation images and the seeds (the "
+                 "same draw for both models; a model's value is its mean over the drawn seeds). Verdicts control the "
+                 f"false discovery rate at {100 * s['fdr']:.0f}% over the {s['fdr_cells']} cells of this table "
+                 "(Benjamini-Hochberg on the two-sided bootstrap p-values): **helps** / **hurts** only where the "
+                 "adjusted p-value is at most that; every other cell is no evidence either way. Heavily occluded "
+                 "objects have almost no AP in any model, so the table also gives AP50 and AR100 (recall of the best "
+                 "100 detections) per occlusion bucket, and the occluded recall.\n")
+    head = ["variant", *(_label(m) for m in COMPARE_COLUMNS)]
+    rows = []
     for v, comp in s["comparison"].items():
         cells = [v]
-        for m in metrics:
-            c = comp[m]
-            if c["diff"] is None:
+        for m in COMPARE_COLUMNS:
+            c = comp.get(m)
+            if c is None or c["diff"] is None:
                 cells.append("-")
                 continue
-            word = {"helps": "**helps**", "hurts": "**hurts**"}.get(c["verdict"], "no evidence")
-            cells.append(f"{_signed(c['diff'])} [{_signed(c['low'])}, {_signed(c['high'])}] {word}")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+            word = {"helps": " **helps**", "hurts": " **hurts**"}.get(c["verdict"], "")
+            cells.append(f"{_signed(c['diff'])} [{_signed(c['low'])}, {_signed(c['high'])}]{word}")
+        rows.append(cells)
+    lines += _table(head, rows)
+    found = [(v, m, c) for v, comp in s["comparison"].items() for m, c in comp.items()
+             if m in COMPARE_COLUMNS and c["significant"]]
+    lines.append("Significant after the correction: " + ("; ".join(
+        f"{v} {_label(m)} {_signed(c['diff'])} (adjusted p {c['p_adjusted']:.3f})" for v, m, c in found)
+        if found else "none") + ".\n")
     lines.append(f"![difference from baseline per size bin and occlusion bucket]({meta['figure']})\n")
+    gated = [(v, r) for v, r in s["variants"].items() if r.get("gate_range")]
+    if gated:
+        lines.append("## Learned gates\n")
+        rows = [[v, ", ".join(f"{g:+.2f}" for g in r["gate_mean"]), f"{r['gate_range'][0]:+.2f}",
+                 f"{r['gate_range'][1]:+.2f}", f"{100 * r['gate_range'][2]:.0f}%"] for v, r in gated]
+        lines += _table(["variant", "mean gate per seed", "min", "max", "negative"], rows)
+        lines.append("A negative gate applies the block's change inverted: the network learned to use the "
+                     "opposite of what the attention computes there.\n")
     if s["missing"]:
-        lines.append(f"Unfinished (left out): {', '.join(s['missing'])}; rerun the command to finish them.\n")
+        lines.append(f"Unfinished (left out): {', '.join(s['missing'])}; rerun the grid command to finish them.\n")
     lines.append("## Commands\n")
-    lines.append(f"This grid: `{meta['command']}`\n")
-    lines.append(f"One run alone (e.g. {meta['example_variant']}, seed 0): `{meta['run_command']}`; the run "
-                 "folders (`study-config.yaml`, `predictions.json`, `report/`, `result.json`) are under "
-                 f"`{meta['work_dir']}`.\n")
-    lines.append("GPU command (the full grid; `benchmarks/study_gpu.sh`, run through the device tool): "
+    lines.append(f"One run alone (e.g. {meta['example_variant']}, seed 0): `python train.py fit --config "
+                 f"{meta['example_config']}` (drop `trainer.default_root_dir` or point it elsewhere).\n")
+    lines.append(f"GPU command (the full grid; `benchmarks/study_gpu.sh`, run through the device tool): "
                  f"`{meta['gpu_command']}`\n")
     return "\n".join(lines)
 
 
+def _savefig(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
+
+
 def plot(study: dict, path: Path) -> None:
-    """Difference from the baseline in AP per size bin and occlusion bucket, with intervals."""
+    """Difference from the baseline per size bin and occlusion bucket, with intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = [m for m in (*SIZE_COLUMNS, *OCC_COLUMNS, "occluded_recall") if m in study["metrics"]]
+    cols = [m for m in (*SIZE_COLUMNS, *OCC_COLUMNS, "AR_occ_heavy", "occluded_recall") if m in study["metrics"]]
     variants = list(study["comparison"])
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.0 * len(cols) + 3), 4.2))
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(cols) + 3), 4.8))
     width = 0.8 / max(1, len(variants))
+    cmap = plt.get_cmap("tab20")
     for i, v in enumerate(variants):
         xs, ys, lo, hi = [], [], [], []
         for j, m in enumerate(cols):
@@ -630,26 +960,64 @@ def plot(study: dict, path: Path) -> None:
             ys.append(100 * c["diff"])
             lo.append(100 * (c["diff"] - c["low"]))
             hi.append(100 * (c["high"] - c["diff"]))
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", ms=4, capsize=2, label=v)
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", ms=4, capsize=2, label=v, color=cmap(i % 20))
     ax.axhline(0, color="k", lw=0.8)
     ax.axvline(len(SIZE_COLUMNS) - 0.5, color="0.6", lw=0.8, ls=":")
     ax.set_xticks(range(len(cols)), [_label(m) for m in cols], rotation=30, ha="right")
     ax.set_ylabel("difference from baseline (points)")
-    ax.set_title(f"AP by size bin and occlusion bucket: variant - baseline, {100 * study['confidence']:.0f}% "
-                 "interval (images + seeds)", fontsize=9)
-    ax.legend(fontsize=7, ncol=min(4, max(1, len(variants))))
+    ax.set_title(f"variant - baseline by size bin and occlusion bucket, {100 * study['confidence']:.0f}% interval "
+                 "(images + seeds)", fontsize=9)
+    if variants:
+        ax.legend(fontsize=7, ncol=min(4, len(variants)))
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def plot_curves(study: dict, path: Path) -> None:
+    """Validation AP by epoch of every run (one panel per variant, one line per seed), the
+    baseline's mean in each panel for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(study["variants"])
+    cols = min(4, len(variants))
+    rows = -(-len(variants) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), sharex=True, sharey=True, squeeze=False)
+    base = [c for c in study["variants"][REFERENCE]["val_AP_by_epoch"].values() if c]
+    for ax, v in zip(axes.flat, variants):
+        for seed, curve in study["variants"][v]["val_AP_by_epoch"].items():
+            if curve:
+                ax.plot([e for e, _ in curve], [100 * a for _, a in curve], marker=".", lw=1, label=f"seed {seed}")
+        if v != REFERENCE and base:
+            n = min(len(c) for c in base)
+            ax.plot([e for e, _ in base[0][:n]], [100 * sum(c[i][1] for c in base) / len(base) for i in range(n)],
+                    color="0.5", ls="--", lw=1, label="baseline mean")
+        ax.set_title(v, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(variants):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("val AP (%)")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("epoch")
+    if axes.flat[0].get_legend_handles_labels()[0]:
+        axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    _savefig(fig, path)
     plt.close(fig)
 
 
 def _settings_line(base: dict) -> str:
     m, d, t = _model_args(base), base["data"]["init_args"], base["trainer"]
-    return (f"{m.get('arch')} on {m.get('backbone')} (FPN {m.get('fpn_channels')}, p2={m.get('p2')}), "
-            f"{base['data']['class_path'].rsplit('.', 1)[-1]} {d.get('num_train')} train / {d.get('num_val')} val "
-            f"images of {d.get('image_size')} px, batch {d.get('batch_size')}, {t.get('max_epochs')} epochs, "
-            f"accelerator {t.get('accelerator')}")
+    opt = (base["model"]["init_args"].get("optimizer") or {}).get("init_args") or {}
+    return (f"{m.get('arch')} on {m.get('backbone')} (FPN {m.get('fpn_channels')}, p2={m.get('p2')}), trained from "
+            f"scratch; {base['data']['class_path'].rsplit('.', 1)[-1]} {d.get('num_train')} train / {d.get('num_val')} "
+            f"val images of {d.get('image_size')} px, batch {d.get('batch_size')}, {t.get('max_epochs')} epochs, "
+            f"lr {opt.get('lr')}, precision {t.get('precision', '32')}, validated every "
+            f"{t.get('check_val_every_n_epoch', 1)} epoch(s), accelerator {t.get('accelerator')}")
 
 
 def gpu_command() -> str:
@@ -657,36 +1025,47 @@ def gpu_command() -> str:
             + " --out-dir $OUT, then tar of the run folders; see the script)")
 
 
-def write_results(args, base: dict, gt: str, runs: list, done: dict, wall_s: float, argv: list[str]) -> Path:
-    """Compare, then write ``attention-study-<device>.{md,json,png}`` into ``args.out_dir``."""
-    import torch
+def _shown(path: Path) -> str:
+    """``path`` as the results file shows it: relative to the repository (the same text from any
+    checkout or worktree: a results folder is shown as ``benchmarks/results/<name>``)."""
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        if path.resolve().parent.name == "results" and path.resolve().parent.parent.name == "benchmarks":
+            return f"benchmarks/results/{path.name}"
+        return path.as_posix()
 
-    import visattn
 
-    study = summarize(args, base, gt, runs, done, args.n_boot)
-    # where the runs trained (a grid trained on a GPU can be analysed elsewhere with --analyze-only)
-    device_label = "gpu" if any(r.get("device_type") == "cuda" for r in done.values()) else "cpu"
+def write_results(args, dest: Path) -> Path:
+    """Compare the archived runs in ``dest`` and write ``attention-study-<device>.{md,json,png}``
+    and ``-curves.png`` into ``args.out_dir``; the same archived runs give the same files."""
+    meta_in, gt, results, preds = read_archive(dest)
+    study = summarize(args.variants, args.seeds, gt, results, preds, args.n_boot)
+    device_label = "gpu" if any(results[k].get("device_type") == "cuda" for k in results) else "cpu"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"attention-study-{device_label}"
-    example = next(((v, d) for v, s, d, _ in runs if v != REFERENCE), (runs[0][0], runs[0][2]))
-    meta = {"device_label": device_label, "reduced": device_label == "cpu", "note": args.note,
-            "version": getattr(visattn, "__version__", "unknown"), "torch": torch.__version__,
-            "settings": _settings_line(base), "seeds": args.seeds, "wall_min": wall_s / 60,
+    example = next((v for v in study["variants"] if v != REFERENCE), REFERENCE)
+    analyze = [] if args.n_boot == 1000 else ["--n-boot", str(args.n_boot)]
+    if dest.resolve() != (Path(args.out_dir) / f"attention-study-{device_label}").resolve():
+        analyze += ["--archive-dir", _shown(dest)]
+    meta = {"device_label": device_label, "note": args.note, "settings": _settings_line(meta_in["base_config"]),
             "train_min": sum(sum(r["wall_s"]) for r in study["variants"].values()) / 60,
-            "command": "python benchmarks/attention_study.py " + shlex.join(argv),
-            "example_variant": example[0], "run_command": f"python train.py fit --config {example[1] / RUN_CONFIG}",
-            "work_dir": str(Path(args.work_dir) / settings_key(base)), "gpu_command": gpu_command(),
-            "analyze_only": args.analyze_only,
-            "figure": stem.name + ".png", "platform": platform.platform(), "python": platform.python_version()}
+            "command": meta_in["command"], "analyze_args": shlex.join(analyze) or "",
+            "example_variant": example, "example_config": f"{_shown(dest)}/{example}-seed0/{RUN_CONFIG}",
+            "gpu_command": gpu_command(), "figure": stem.name + ".png", "curves": stem.name + "-curves.png"}
+    meta["analyze_args"] = meta["analyze_args"].strip()
     plot(study, stem.with_suffix(".png"))
-    atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "base_config": base, **study}, indent=1)
+    plot_curves(study, stem.parent / (stem.name + "-curves.png"))
+    study["convergence"] = convergence(study)
+    atomic_write_json(stem.with_suffix(".json"), {"meta": meta, "base_config": meta_in["base_config"], **study}, indent=1)
     atomic_write_text(stem.with_suffix(".md"), format_markdown(study, meta))
     return stem.with_suffix(".md")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run (or resume) the grid and write the results; 0 when every run finished, else 1."""
+    """Run (or resume) the grid, keep the finished runs and write the results; 0 when every run
+    finished, else 1. ``--analyze-only`` reads the kept runs alone (no data, no training)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker is not None:
@@ -694,15 +1073,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.list_variants:
         for name, (kind, model_args) in available_variants().items():
-            print(f"{name:12s} {kind:18s} {model_args}")
+            print(f"{name:12s} {kind:20s} {model_args}")
         return 0
-    start = time.perf_counter()
+    dest = archive_dir(args)
+    if args.analyze_only:
+        md = write_results(args, dest)
+        print(f"[study] results: {md}")
+        return 0
     base, root, runs = plan(args)
     gt = prepare_data(base)
-    print(f"[study] {len(runs)} runs under {root}, {args.parallel} at a time, {args.threads} threads each", flush=True)
-    done = run_grid(args, runs)
-    md = write_results(args, base, gt, runs, done, time.perf_counter() - start, argv)
-    print(f"[study] results: {md}")
+    archive_study(dest, base, gt, argv)
+    args.archive = dest
+    state = code_state()
+    print(f"[study] {len(runs)} runs under {root}, {args.parallel} at a time, {args.threads} threads each; "
+          f"code state {state['code_state']} (commit {git_commit()}); finished runs kept in {dest}", flush=True)
+    done = run_grid(args, runs, current=state["code_state"])
+    try:
+        md = write_results(args, dest)
+        print(f"[study] results: {md}")
+    except RuntimeError as e:  # the baseline is not finished yet: no table, the runs are kept
+        print(f"[study] no table yet: {e}")
     return 0 if len(done) == len(runs) else 1
 
 

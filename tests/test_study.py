@@ -13,7 +13,13 @@ import pytest
 
 from visattn.data import generate_synthetic
 from visattn.evaluation import evaluate
-from visattn.evaluation.compare import RUN_METRICS, compare_runs, verdict
+from visattn.evaluation.compare import (
+    RUN_METRICS,
+    benjamini_hochberg,
+    bootstrap_p,
+    compare_runs,
+    verdict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,11 +138,49 @@ def test_compare_runs_order_independent(gt):
     ({"n_boot": 0}, ValueError, "n_boot"),
     ({"confidence": 1.0}, ValueError, "confidence"),
     ({"resample_seeds": 1}, TypeError, "resample_seeds"),
+    ({"fdr": 0.0}, ValueError, "fdr"),
+    ({"fdr": 1.0}, ValueError, "fdr"),
+    ({"fdr": "5%"}, TypeError, "fdr"),
 ])
 def test_compare_runs_bad_arguments(gt, kwargs, exc, word):
     args = {"runs": {"baseline": {0: []}, "x": {0: []}}, "reference": "baseline", **kwargs}
     with pytest.raises(exc, match=word.replace("[", r"\[").replace("]", r"\]")):
         compare_runs(gt, args.pop("runs"), **args)
+
+
+def test_bootstrap_p_and_benjamini_hochberg_known_answers():
+    assert bootstrap_p([]) is None
+    assert bootstrap_p([0.1] * 99) == pytest.approx(2 / 100)          # never 0: the +1 of a Monte-Carlo p
+    assert bootstrap_p([-1.0, 1.0] * 50) == 1.0
+    assert bootstrap_p([0.0] * 10) == 1.0                              # no difference at all
+    assert bootstrap_p([1.0] * 90 + [-1.0] * 10) == pytest.approx(2 * 11 / 101)
+    # p = .01 .03 .04 .5 over m = 4: adjusted .04 .0533 .0533 .5 (step-up minimum), only 'a' at 5%
+    r = benjamini_hochberg({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5, "e": None}, 0.05)
+    assert set(r) == {"a", "b", "c", "d"}
+    assert r["a"] == (pytest.approx(0.04), True) and r["b"][0] == pytest.approx(0.16 / 3) and not r["b"][1]
+    assert r["c"][0] == pytest.approx(0.16 / 3) and r["d"] == (pytest.approx(0.5), False)
+    assert benjamini_hochberg({}, 0.05) == {}
+    with pytest.raises(ValueError, match="q"):
+        benjamini_hochberg({"a": 0.1}, 1.5)
+
+
+def test_compare_runs_fdr_controls_the_table(gt):
+    runs = {"baseline": {0: _weak(gt, 0)}, "same": {0: _weak(gt, 1)}, "better": {0: _strong(gt, 0)}}
+    # enough replicates that a p-value can clear the correction (the smallest is 2 / (n_boot + 1))
+    plain = compare_runs(gt, runs, reference="baseline", n_boot=200)
+    fdr = compare_runs(gt, runs, reference="baseline", n_boot=200, fdr=0.05)
+    assert plain["fdr"] is None and fdr["fdr"] == 0.05
+    for m in fdr["metrics"]:
+        for v in ("same", "better"):
+            c, c0 = fdr["diff"][v][m], plain["diff"][v][m]
+            assert (c["low"], c["high"], c["p"]) == (c0["low"], c0["high"], c0["p"])  # same replicates
+            if c["significant"]:  # a BH rejection is at least as strict as the interval
+                assert c0["significant"] and c["p_adjusted"] <= 0.05
+                assert c["verdict"] == ("helps" if c["diff"] > 0 else "hurts")
+            else:
+                assert c["verdict"] == "no evidence"
+    assert fdr["diff"]["better"]["AP"]["verdict"] == "helps"
+    assert {"AP50_occ_heavy", "AR_occ_heavy", "AR_occ_partial"} <= set(fdr["metrics"])
 
 
 # -- the runner -----------------------------------------------------------------------------------
@@ -179,7 +223,12 @@ def test_variant_order_and_overrides(tmp_path):
     assert [(v, s) for v, s, _, _ in runs] == [(v, s) for s in (0, 1) for v in ("baseline", "cbam", "scale")]
     model = study._model_args(base)
     assert "attention" not in model and model["detector_kwargs"]["min_size"] == 64  # the config's eca is gone
-    assert base["trainer"]["check_val_every_n_epoch"] == 2 and base["data"]["init_args"]["num_train"] == 10
+    # a learning curve by default: validated every epoch
+    assert base["trainer"]["check_val_every_n_epoch"] == 1 and base["data"]["init_args"]["num_train"] == 10
+    every2 = study.base_config(study.parse_args(["--max-epochs", "4", "--val-every", "2"]))
+    assert every2["trainer"]["check_val_every_n_epoch"] == 2
+    with pytest.raises(ValueError, match="--val-every 3 must divide"):
+        study.base_config(study.parse_args(["--max-epochs", "4", "--val-every", "3"]))
     import yaml
 
     cfg = {v: yaml.safe_load(t) for v, s, _, t in runs if s == 1}
@@ -256,27 +305,112 @@ def test_run_trained_by_another_live_invocation_is_left_alone(tmp_path, gt):
     assert (runs[0][2] / "partial").exists() and not (runs[1][2] / "partial").exists()
 
 
-def test_results_files(tmp_path, gt, gt_path):
-    args = study.parse_args(["--variants", "baseline,se", "--seeds", "2", "--max-epochs", "1",
-                             "--work-dir", str(tmp_path / "w"), "--out-dir", str(tmp_path / "out"), "--n-boot", "20"])
+def _archived_grid(tmp_path, gt, gt_path, variants="baseline,se", seeds="2"):
+    argv = ["--variants", variants, "--seeds", seeds, "--max-epochs", "1", "--work-dir", str(tmp_path / "w"),
+            "--out-dir", str(tmp_path / "out"), "--n-boot", "200"]
+    args = study.parse_args(argv)
     base, _, runs = study.plan(args)
+    dest = study.archive_dir(args)
+    study.archive_study(dest, base, str(gt_path), argv)
+    args.archive = dest
     done = study.run_grid(args, runs, launch=_fake_launch(gt, []))
-    md = study.write_results(args, base, str(gt_path), runs, done, 60.0, ["--variants", "baseline,se"])
+    return args, runs, done, dest
+
+
+def test_results_files_rebuild_bit_for_bit_from_the_archive(tmp_path, gt, gt_path):
+    args, _runs, _done, dest = _archived_grid(tmp_path, gt, gt_path)
+    assert dest == tmp_path / "out" / "attention-study-cpu"
+    kept = sorted(p.name for p in dest.iterdir())
+    assert kept == ["baseline-seed0", "baseline-seed1", "se-seed0", "se-seed1", "study.json", "val-gt.json.gz"]
+    assert sorted(p.name for p in (dest / "se-seed1").iterdir()) == [
+        "predictions.json.gz", "report-report.json", "result.json", "study-config.yaml"]
+    md = study.write_results(args, dest)
     text = md.read_text()
-    assert md.name == "attention-study-cpu.md" and "Reduced CPU-scale grid, not the answer" in text
-    assert "| se |" in text and "**helps**" in text and "study_gpu.sh" in text and "train.py fit --config" in text
-    assert "study-config.yaml" in text
+    assert md.name == "attention-study-cpu.md" and "| se |" in text and "study_gpu.sh" in text
+    assert "**helps**" in text and "Benjamini-Hochberg" in text and "has the baseline converged?" in text
+    assert "--analyze-only" in text and "--work-dir" not in text  # where files went here is not the command
     data = json.loads(md.with_suffix(".json").read_text())
     assert list(data["variants"]) == ["baseline", "se"] and set(data["comparison"]) == {"se"}
-    assert data["comparison"]["se"]["AP"]["verdict"] == "helps"
+    assert data["comparison"]["se"]["AP"]["verdict"] == "helps" and data["comparison"]["se"]["AP"]["p_adjusted"] <= 0.05
     assert data["variants"]["se"]["params"] == 1002 and data["variants"]["se"]["train_images_per_s"] == 5.0
     assert md.with_suffix(".png").stat().st_size > 1000
-    # a baseline that never finished: no table, an error that says what to do
-    (runs[0][2] / "result.json").unlink()
+    assert (md.parent / "attention-study-cpu-curves.png").stat().st_size > 1000
+    files = {p.name: p.read_bytes() for p in md.parent.glob("attention-study-cpu*") if p.is_file()}
+    # the work dir is gone (a fresh clone): --analyze-only rebuilds the same bytes from the archive alone
+    import shutil
+
+    shutil.rmtree(tmp_path / "w")
     args.analyze_only = True
-    done = study.run_grid(args, runs)
+    assert study.main(["--analyze-only", "--variants", "baseline,se", "--seeds", "2", "--n-boot", "200",
+                       "--out-dir", str(tmp_path / "out")]) == 0
+    assert {p.name: p.read_bytes() for p in md.parent.glob("attention-study-cpu*") if p.is_file()} == files
+    # an edited archived file is refused, naming the run
+    preds = dest / "se-seed0" / "predictions.json.gz"
+    preds.write_bytes(study._gz_bytes(b"[]"))
+    with pytest.raises(ValueError, match="se-seed0.*predictions.json does not match"):
+        study.write_results(args, dest)
+
+
+def test_unfinished_baseline_gives_no_table(tmp_path, gt, gt_path):
+    args, _runs, _done, dest = _archived_grid(tmp_path, gt, gt_path)
+    (dest / "baseline-seed1" / "result.json").unlink()
     with pytest.raises(RuntimeError, match="rerun"):
-        study.write_results(args, base, str(gt_path), runs, done, 1.0, [])
+        study.write_results(args, dest)
+    # a variant without every seed is left out and listed
+    args, _runs, _done, dest = _archived_grid(tmp_path / "b", gt, gt_path)
+    (dest / "se-seed1" / "result.json").unlink()
+    md = study.write_results(args, dest)
+    assert "Unfinished (left out): se" in md.read_text()
+
+
+def test_runs_of_one_table_share_their_code_state(tmp_path, gt, gt_path):
+    args, runs, done, dest = _archived_grid(tmp_path, gt, gt_path)
+    for key, run_dir in ((("se", 1), dest / "se-seed1"), (("baseline", 0), dest / "baseline-seed0")):
+        r = json.loads((run_dir / "result.json").read_text())
+        r.update(code_state="aaaa" if key[0] == "se" else "bbbb", git_commit="c0ffee")
+        (run_dir / "result.json").write_text(json.dumps(r))
+    with pytest.raises(ValueError, match=r"(?s)code state.*se-seed1.*worktree"):
+        study.write_results(args, dest)
+    # the grid refuses to add runs to finished ones of another code state, naming them ...
+    results = {k: {**v, "code_state": "old", "git_commit": "abc"} for k, v in done.items()}
+    with pytest.raises(ValueError, match=r"(?s)this checkout's.*commit abc.*baseline-seed0, baseline-seed1, se-seed0"):
+        study.check_code_states(results, current="new")
+    study.check_code_states(results, current="old")
+    # ... and retrains them with --redo-stale
+    for _, _, run_dir, _ in runs:
+        r = json.loads((run_dir / "result.json").read_text())
+        (run_dir / "result.json").write_text(json.dumps({**r, "code_state": "old"}))
+    with pytest.raises(ValueError, match="--redo-stale"):
+        study.run_grid(args, runs, launch=_fake_launch(gt, []), current="new")
+    calls: list = []
+    args.redo_stale = True
+    study.run_grid(args, runs, launch=_fake_launch(gt, calls), current="new")
+    assert sorted(calls) == ["baseline-seed0", "baseline-seed1", "se-seed0", "se-seed1"]
+
+
+def test_code_state_covers_the_training_code(tmp_path):
+    (tmp_path / "visattn" / "sub").mkdir(parents=True)
+    (tmp_path / "visattn" / "a.py").write_text("x = 1\n")
+    (tmp_path / "visattn" / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "train.py").write_text("main()\n")
+    one = study.code_state(tmp_path)
+    assert one == study.code_state(tmp_path) and one["versions"]["torch"]
+    (tmp_path / "visattn" / "sub" / "b.py").write_text("y = 3\n")
+    two = study.code_state(tmp_path)
+    assert two["code_state"] != one["code_state"]
+    (tmp_path / "README.md").write_text("docs do not train\n")
+    assert study.code_state(tmp_path) == two
+    assert study.git_commit(tmp_path) == "unknown"
+
+
+def test_variants_wire_blocks_as_their_papers():
+    cand = study.candidate_variants()
+    for b in study.BACKBONE_BLOCKS:
+        assert cand[b][1]["attention_gate"] == "none"
+    assert cand["se_gated"][1] == {"attention": "se", "attention_gate": "zero"}
+    assert cand["no_p2"][1] == {"p2": False}
+    default = study.default_variants()
+    assert {"baseline", "se", "eca", "cbam", "coord", "gc", "simam", "window", "scale", "se_gated", "no_p2"} == set(default)
 
 
 @pytest.mark.slow
@@ -290,9 +424,13 @@ def test_real_tiny_grid_end_to_end(tmp_path, monkeypatch):
     assert set(data["variants"]) == {"baseline", "se"}
     assert data["variants"]["se"]["params"] > data["variants"]["baseline"]["params"]
     assert data["variants"]["baseline"]["train_images_per_s"] > 0
-    run = Path(data["variants"]["se"]["runs"]["0"])
-    assert (run / "report" / "report.json").is_file() and isinstance(json.loads((run / "predictions.json").read_text()),
-                                                                     list)
+    run = tmp_path / "out" / "attention-study-cpu" / "se-seed0"
+    result = json.loads((run / "result.json").read_text())
+    assert (run / "report-report.json").is_file() and (run / "predictions.json.gz").is_file()
+    assert result["flops"] > 0 and result["flops_image_size"] == 64 and result["gate_values"] == {}
+    assert result["code_state"] == study.code_state()["code_state"] and result["git_commit"] != "unknown"
+    assert data["variants"]["se"]["flops"] > data["variants"]["baseline"]["flops"]
+    assert data["variants"]["baseline"]["val_AP_by_epoch"]["0"][0][0] == 1  # the curve, epoch by epoch
     mtime = (run / "result.json").stat().st_mtime
     assert study.main(argv) == 0  # resumed: nothing retrained
     assert (run / "result.json").stat().st_mtime == mtime
