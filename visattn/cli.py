@@ -220,11 +220,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"{', '.join(given)} set(s) how tiles are cut and merged: give --slice PX too "
                          "(without it the detector runs on whole images)")
     model = load_detector(weights=args.weights, ckpt=args.ckpt, config=args.config)
-    results = predict_folder(model, args.images, slicing=slicing, gt=args.gt, score_threshold=args.score_threshold)
+    seen: list[int] = []  # image ids, one per image predicted (with or without detections)
+    results = predict_folder(model, args.images, slicing=slicing, gt=args.gt, score_threshold=args.score_threshold,
+                             on_image=lambda image_id, path, found: seen.append(image_id))
     atomic_write_json(args.out, results)
-    images = len({r["image_id"] for r in results})
-    print(f"wrote {len(results)} detections on {images} image(s) to {args.out}"
-          + (f" (sliced: {args.slice} px tiles)" if args.slice else ""))
+    kept = f"{len(results)} detection(s) kept"
+    if args.score_threshold:
+        kept += f" (score > {args.score_threshold:g})"
+    print(f"predicted {len(seen)} image(s), {kept}"
+          + (f", sliced in {args.slice} px tiles" if args.slice else "") + f"; wrote {args.out}")
     return 0
 
 
@@ -337,8 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--ckpt", metavar="PATH", help="a Lightning checkpoint of your own run (needs --config)")
     p.add_argument("--config", help="with --ckpt: the run's config.yaml")
     p.add_argument("--images", required=True, help="folder of images")
-    p.add_argument("--gt", help="COCO instances JSON: predict its images with its image and category ids "
-                                "(default: every image in the folder, ids 1.. by file name, category = label)")
+    p.add_argument("--gt", help="COCO instances JSON: predict its images with its image and category ids; its "
+                                "number of categories must be the model's num_classes (default: every image in "
+                                "the folder, ids 1.. by file name, turned upright by EXIF, category = label)")
     p.add_argument("--out", required=True, help="COCO results JSON to write")
     p.add_argument("--slice", type=_non_negative_int, default=0, metavar="PX",
                    help="tile side in pixels (0: no slicing, the detector as configured)")

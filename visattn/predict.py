@@ -24,12 +24,19 @@ What differs from SAHI's own implementation:
   image, within ``seam_margin`` pixels) or each lies inside the other's tile (an object in the
   overlap both tiles saw); (4) only a view cut by a seam grows the merged box (the union of the
   parts of an object split between tiles); a second whole view of an object already kept is
-  absorbed without enlarging it (as NMS would). ``occlusion_safe=False`` is SAHI's rule exactly (every same-class pair
-  above the threshold merges), which fuses neighbouring occluded objects (sahi#560).
+  absorbed without enlarging it (as NMS would); (5) a box cut by a seam is reconciled with a view of
+  the same class from another source (the neighbouring tile or the full image) by containment, whatever
+  ``merge`` and ``match`` are: the pair matches when the intersection covers ``threshold`` of the cut
+  box's area (of the smaller one when both are cut), or when the pair's own ``match`` value does; so a
+  256 px tile's cut piece of an object (IoU 0.43 with the whole view) is no longer reported next to it.
+  Among tied scores the more complete view goes first: a box not cut by a seam before a cut one, a
+  larger cut box before a smaller one. ``occlusion_safe=False`` is SAHI's rule exactly (every same-class
+  pair above the threshold merges, no seam rule), which fuses neighbouring occluded objects (sahi#560).
 
 Merge rules (per class, as SAHI defines them; ``match`` is ``"iou"`` or ``"ios"``, intersection
 over the smaller box, and a pair matches when its value is ``>= threshold``; candidates are taken
-in descending score, ties broken by the box's ``x1, y1, x2, y2``):
+in descending score, ties broken (occlusion safe) toward the more complete view, then by the box's
+``x1, y1, x2, y2``, so that no result depends on the order of the input):
 
 - ``"nms"``: each kept box suppresses its matches (without occlusion safety and with ``"iou"``
   this is :func:`torchvision.ops.batched_nms`, which suppresses ``> threshold``);
@@ -181,11 +188,26 @@ def tile_windows(width: int, height: int, slice_size: int | tuple[int, int],
 # Merging
 
 
-def _score_order(boxes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Indices by descending score, ties by ``x1, y1, x2, y2`` ascending (SAHI's order)."""
-    keys = np.stack([boxes[:, 3].numpy(), boxes[:, 2].numpy(), boxes[:, 1].numpy(), boxes[:, 0].numpy(),
-                     -scores.numpy()])
-    return torch.from_numpy(np.lexsort(keys).astype(np.int64))
+def _score_order(boxes: torch.Tensor, scores: torch.Tensor, cut: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices by descending score, ties by ``x1, y1, x2, y2`` ascending (SAHI's order). With ``cut``
+    ((N,) bool, boxes cut by a seam), ties go to the more complete view first: uncut boxes, then cut
+    ones by descending area (the order among uncut boxes is SAHI's)."""
+    keys = [boxes[:, 3].numpy(), boxes[:, 2].numpy(), boxes[:, 1].numpy(), boxes[:, 0].numpy()]
+    if cut is not None:
+        area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).numpy()
+        keys += [np.where(cut.numpy(), -area, 0.0), cut.numpy()]
+    return torch.from_numpy(np.lexsort(np.stack([*keys, -scores.numpy()])).astype(np.int64))
+
+
+def _containment(boxes: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """(n, n) intersection over the area of the cut box of each pair (the larger value when both
+    are cut, i.e. over the smaller box); 0 where neither is cut or a cut box has no area."""
+    lt = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])  # (n, n, 2)
+    rb = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=2)  # (n, n)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # (n,)
+    over = torch.where(cut & (area > 0), 1.0 / area.clamp(min=1e-12), torch.zeros_like(area))  # (n,)
+    return inter * torch.maximum(over[:, None], over[None, :])
 
 
 def _match_matrix(a: torch.Tensor, b: torch.Tensor, match: str) -> torch.Tensor:
@@ -281,14 +303,19 @@ def _groups_transitive(m: np.ndarray, ok: np.ndarray | None, src: np.ndarray | N
     return groups
 
 
-def _pair_match(a: list[float], b: list[float], match: str) -> float:
-    """IoU or IoS of two xyxy boxes (plain floats; 0 for empty boxes)."""
+def _pair_match(a: list[float], b: list[float], match: str, cut_a: bool = False, cut_b: bool = False) -> float:
+    """IoU or IoS of two xyxy boxes (plain floats; 0 for empty boxes), or, where it is larger, the
+    intersection over the area of a box cut by a seam (``cut_a`` / ``cut_b``: see :func:`_containment`)."""
     iw = min(a[2], b[2]) - max(a[0], b[0])
     ih = min(a[3], b[3]) - max(a[1], b[1])
     inter = max(iw, 0.0) * max(ih, 0.0)
     area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
     denom = area_a + area_b - inter if match == "iou" else min(area_a, area_b)
-    return inter / denom if denom > 0 else 0.0
+    value = inter / denom if denom > 0 else 0.0
+    for cut, area in ((cut_a, area_a), (cut_b, area_b)):
+        if cut and area > 0:
+            value = max(value, inter / area)
+    return value
 
 
 def merge_predictions(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, *, merge: str = "greedy_nmm",
@@ -305,22 +332,30 @@ def merge_predictions(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.T
             with ``occlusion_safe``.
         windows: ``(S, 4)`` xyxy of every source (a tile, or the whole image for a full pass).
         image_size: ``(width, height)``, to tell seams (tile edges inside the image) from borders.
-        occlusion_safe: the occlusion-safe rule; ``False`` is SAHI's.
+        occlusion_safe: the occlusion-safe rule, with seam reconciliation and ties broken toward the
+            more complete view (module docstring); ``False`` is SAHI's.
         seam_margin: how close (pixels) to a seam a box's edge must be to count as cut by it.
 
     Returns:
         ``[(keeper, merged), ...]``: the index of each output box's keeper and the indices merged
         into it (in merge order; empty for ``"nms"``), by descending score of the keeper. The output
-        box is the union of the keeper and ``merged``, its score the highest of them.
+        box is the union of the keeper and ``merged``, its score the highest of them. The result
+        does not depend on the order of the input (up to exact duplicates).
+
+    Non-finite boxes or scores and inverted boxes (``x2 < x1`` or ``y2 < y1``) are a ``ValueError``.
     """
     check_choice("merge", merge, MERGES)
     check_choice("match", match, MATCHES)
     check_real("threshold", threshold, 0.0, 1.0, lo_open=True)
     check_bool("occlusion_safe", occlusion_safe)
-    n = boxes.shape[0]
+    for name, value in (("boxes", boxes), ("scores", scores), ("labels", labels)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    n = boxes.shape[0] if boxes.ndim else -1
     if boxes.ndim != 2 or boxes.shape[1] != 4 or scores.shape != (n,) or labels.shape != (n,):
         raise ValueError(f"boxes must be (N, 4) with scores and labels (N,), got {tuple(boxes.shape)}, "
                          f"{tuple(scores.shape)}, {tuple(labels.shape)}")
+    _check_boxes_scores(boxes.detach(), scores.detach(), "merge_predictions")
     check_real("seam_margin", seam_margin, 0.0, math.inf, hi_open=True)
     if occlusion_safe:
         if sources is None or windows is None or image_size is None:
@@ -340,17 +375,20 @@ def merge_predictions(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.T
     if merge == "nms" and match == "iou" and not occlusion_safe:
         keep = batched_nms(boxes, scores, labels, threshold)
         return [(i, []) for i in _sorted(keep, boxes, scores)]
-    ok_all = src_all = cut = None
+    ok_all = src_all = cut = cut_t = None
     if occlusion_safe:
         sources = sources.detach().cpu().long()
-        ok_all, cut = _seam_pairs(boxes, sources, windows.detach().cpu().float(), image_size, seam_margin)
-        ok_all, cut, src_all = ok_all.numpy(), cut.tolist(), sources.numpy()
+        ok_all, cut_t = _seam_pairs(boxes, sources, windows.detach().cpu().float(), image_size, seam_margin)
+        ok_all, cut, src_all = ok_all.numpy(), cut_t.tolist(), sources.numpy()
     out: list[tuple[int, list[int]]] = []
     for label in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == label).flatten()
-        idx = idx[_score_order(boxes[idx], scores[idx])]  # rank -> input index
+        idx = idx[_score_order(boxes[idx], scores[idx], None if cut_t is None else cut_t[idx])]  # rank -> index
         b = boxes[idx]
-        m = _match_matrix(b, b, match).numpy()  # (k, k)
+        m = _match_matrix(b, b, match)  # (k, k)
+        if cut_t is not None:  # a box cut by a seam also matches what contains it (rule 5)
+            m = torch.maximum(m, _containment(b, cut_t[idx]))
+        m = m.numpy()
         idx_np = idx.numpy()
         ok = ok_all[np.ix_(idx_np, idx_np)] if ok_all is not None else None
         src = src_all[idx_np] if src_all is not None else None
@@ -364,20 +402,22 @@ def merge_predictions(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.T
             # a view cut by a seam grows the box; a second whole view of the object is absorbed
             cur, merged = list(rows[keep]), []
             for j in members:
-                grows = cut is None or cut[idx_np[keep]] or cut[idx_np[j]]
+                cut_k, cut_j = (False, False) if cut is None else (cut[idx_np[keep]], cut[idx_np[j]])
+                grows = cut is None or cut_k or cut_j
                 # a whole second view that matches is absorbed: it scores no higher than the keeper
-                if grows and _pair_match(cur, rows[j], match) >= threshold:
+                if grows and _pair_match(cur, rows[j], match, cut_k, cut_j) >= threshold:
                     cur = [min(cur[0], rows[j][0]), min(cur[1], rows[j][1]), max(cur[2], rows[j][2]),
                            max(cur[3], rows[j][3])]
                     merged.append(int(idx_np[j]))
             out.append((int(idx_np[keep]), merged))
     keepers = torch.tensor([k for k, _ in out], dtype=torch.long)
-    rank = {int(k): r for r, k in enumerate(_sorted(keepers, boxes, scores))}
+    rank = {int(k): r for r, k in enumerate(_sorted(keepers, boxes, scores, cut_t))}
     return sorted(out, key=lambda km: rank[km[0]])
 
 
-def _sorted(keep: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor) -> list[int]:
-    return keep[_score_order(boxes[keep], scores[keep])].tolist()
+def _sorted(keep: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
+            cut: torch.Tensor | None = None) -> list[int]:
+    return keep[_score_order(boxes[keep], scores[keep], None if cut is None else cut[keep])].tolist()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,44 +509,95 @@ def _as_image(image, name: str = "image", dtype: torch.dtype = torch.float32) ->
     return image.to(dtype)
 
 
-def _check_output(out, size_wh: tuple[int, int], has_masks: bool) -> dict:
-    """One detector output in torchvision's format, checked (an error names what is wrong), with
-    its boxes clipped to its ``(w, h)`` input; a mask-less empty output of a mask model gets
-    empty masks."""
-    where = "the detector's output"
+def _check_detector(detector) -> None:
+    """A callable torchvision-API detector, in ``eval()`` mode if it is a module."""
+    if not callable(detector):
+        raise TypeError(f"detector must be a callable torchvision-API detector, got {type(detector).__name__}")
+    if isinstance(detector, nn.Module) and detector.training:
+        raise ValueError("detector is in training mode; call detector.eval() first (in training mode torchvision "
+                         "detectors need targets and return losses)")
+
+
+def _check_boxes_scores(boxes: torch.Tensor, scores: torch.Tensor, where: str) -> None:
+    """Finite ``(N, 4)`` xyxy boxes with ``x1 <= x2``, ``y1 <= y2``, and finite ``(N,)`` scores."""
+    if not len(boxes):
+        return
+    finite = torch.isfinite(boxes).all(1)
+    if not bool(finite.all()):
+        raise ValueError(f"{where}: boxes must be finite, got {int((~finite).sum())} non-finite (NaN or infinite) "
+                         f"of {len(boxes)}, e.g. {boxes[~finite][0].tolist()}")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"{where}: scores must be finite, got non-finite (NaN or infinite) "
+                         f"{scores[~torch.isfinite(scores)][:3].tolist()}")
+    for axis, (lo, hi) in (("x", (0, 2)), ("y", (1, 3))):
+        inverted = boxes[:, hi] < boxes[:, lo]
+        if bool(inverted.any()):
+            raise ValueError(f"{where}: boxes must be xyxy with {axis}1 <= {axis}2, got {int(inverted.sum())} with "
+                             f"{axis}2 < {axis}1 (inverted), e.g. {boxes[inverted][0].tolist()}")
+
+
+def _check_output(out, size_wh: tuple[int, int], has_masks: bool, where: str = "its input") -> dict:
+    """One detector output in torchvision's format for the ``(w, h)`` input named ``where``,
+    checked, with an error naming the problem and ``where``: a dict of ``(N, 4)`` boxes, ``(N,)``
+    scores and labels (``(N, 1, h, w)`` masks with ``has_masks``); finite boxes with ``x1 <= x2``,
+    ``y1 <= y2``; finite scores in 0..1; whole labels ``>= 0``; finite masks.
+
+    Returns the boxes clipped to the input, without those that have no area left (a box wholly
+    outside its tile, or of zero width or height), labels as int64, the other keys of ``out``
+    (rows dropped alike); a mask-less empty output of a mask model gets empty masks.
+    """
+    what = f"the detector's output for {where}"
     if not isinstance(out, dict):
-        raise TypeError(f"{where} must be a dict (boxes, scores, labels[, masks]), got {type(out).__name__}")
+        raise TypeError(f"{what} must be a dict (boxes, scores, labels[, masks]), got {type(out).__name__}")
     for key in ("boxes", "scores", "labels"):
         if not isinstance(out.get(key), torch.Tensor):
-            raise TypeError(f"{where} needs {key!r} as a tensor, got {type(out.get(key)).__name__}")
+            raise TypeError(f"{what} needs {key!r} as a tensor, got {type(out.get(key)).__name__}")
     boxes, scores, labels = out["boxes"].detach(), out["scores"].detach(), out["labels"].detach()
     n = boxes.shape[0] if boxes.ndim else -1
     if boxes.shape != (n, 4) or scores.shape != (n,) or labels.shape != (n,):
-        raise ValueError(f"{where}: boxes must be (N, 4) with scores and labels (N,), got "
+        raise ValueError(f"{what}: boxes must be (N, 4) with scores and labels (N,), got "
                          f"{tuple(boxes.shape)}, {tuple(scores.shape)}, {tuple(labels.shape)}")
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"{what}: labels must be whole numbers, got dtype {labels.dtype}")
     if labels.is_floating_point() and not bool((labels == labels.round()).all()):
-        raise ValueError(f"{where}: labels must be whole numbers, got {labels[labels != labels.round()][:3].tolist()}")
+        raise ValueError(f"{what}: labels must be whole numbers, got {labels[labels != labels.round()][:3].tolist()}")
+    if n and int(labels.min()) < 0:
+        raise ValueError(f"{what}: labels must be >= 0 (1..num_classes, 0 is background), got negative "
+                         f"{sorted(set(labels[labels < 0].tolist()))[:3]}")
+    _check_boxes_scores(boxes, scores, what)
+    if n and (float(scores.min()) < 0 or float(scores.max()) > 1):
+        raise ValueError(f"{what}: scores must be in 0..1 (probabilities, as torchvision's detectors return them), "
+                         f"got {float(scores.min()):g}..{float(scores.max()):g}")
     w, h = size_wh
-    checked = {"boxes": torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
-                                     boxes[:, 3].clamp(0, h)], 1) if n else boxes.reshape(0, 4),
-               "scores": scores, "labels": labels}
+    masks = None
     if has_masks:
         masks = out.get("masks")
         if masks is None and n == 0:
             masks = torch.zeros((0, 1, h, w))
         if not isinstance(masks, torch.Tensor) or masks.shape != (n, 1, h, w):
             got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
-            raise ValueError(f"{where}: masks must be (N, 1, H, W) = {(n, 1, h, w)} for its {w}x{h} input "
+            raise ValueError(f"{what}: masks must be (N, 1, H, W) = {(n, 1, h, w)} for its {w}x{h} input "
                              f"(as torchvision's Mask R-CNN returns them), got {got}")
-        checked["masks"] = masks.detach()
+        masks = masks.detach()
+        if masks.numel() and not bool(torch.isfinite(masks).all()):
+            raise ValueError(f"{what}: masks must be finite, got non-finite (NaN or infinite) values")
+    clipped = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
+                           boxes[:, 3].clamp(0, h)], 1) if n else boxes.reshape(0, 4)
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])  # (N,) area left
+    checked = {k: (v[keep] if isinstance(v, torch.Tensor) and v.ndim and len(v) == n else v)
+               for k, v in out.items() if k not in ("boxes", "scores", "labels", "masks")}
+    checked.update(boxes=clipped[keep], scores=scores[keep], labels=labels[keep].long())
+    if masks is not None:
+        checked["masks"] = masks[keep]
     return checked
 
 
-def _run(detector: Callable, images: list[torch.Tensor]) -> list[dict]:
+def _run(detector: Callable, images: list[torch.Tensor], where: str = "the images") -> list[dict]:
     outputs = detector(images)
     if not isinstance(outputs, list | tuple) or len(outputs) != len(images):
         raise TypeError(f"the detector must return one dict per input image (torchvision's format), got "
-                        f"{type(outputs).__name__} of length {len(outputs) if hasattr(outputs, '__len__') else '?'}")
+                        f"{type(outputs).__name__} of length {len(outputs) if hasattr(outputs, '__len__') else '?'} "
+                        f"for {len(images)} input(s) ({where})")
     return list(outputs)
 
 
@@ -549,7 +640,10 @@ def sliced_predict(detector: Callable, image, *, slice_size: int | tuple[int, in
             parts of objects split by a seam.
         batch_size: tiles per forward pass (results do not depend on it).
         occlusion_safe: never merge two boxes of one tile; one box per tile in a group; a pair
-            from different tiles must straddle a seam or lie where both tiles saw it.
+            from different tiles must straddle a seam or lie where both tiles saw it; a box cut by
+            a seam is reconciled with a view that contains it (intersection over the cut box's area
+            ``>= threshold``) under every ``merge`` / ``match``, and tied scores keep the more
+            complete view (module docstring).
         resize: ``"native"``: tiles at their own resolution (the detector's ``transform`` min/max
             size set to the tile's for the tile pass, restored afterwards); ``"model"``: every tile
             is resized by the detector as it is configured (what SAHI does).
@@ -562,6 +656,13 @@ def sliced_predict(detector: Callable, image, *, slice_size: int | tuple[int, in
         ``"masks": (N, 1, H, W)`` float (tile masks pasted back; merged masks take the maximum)
         when the detector predicts masks; by descending score.
 
+    Every detector output is checked before merging: a ``ValueError`` naming the tile (or the
+    full-image pass) and the problem for non-finite boxes, scores or masks, inverted boxes
+    (``x2 < x1`` or ``y2 < y1``), negative or fractional labels, scores outside 0..1, and lengths or
+    mask sizes that disagree. Boxes are clipped to their tile; one left with no area (wholly outside
+    it, or of zero width or height) is dropped. An empty image, or with ``resize="model"`` tiles that
+    the detector's resize would shrink to 0 pixels on a side, is a ``ValueError``.
+
     Example:
         >>> model = visattn.weights.load_pretrained("fcos_resnet10t_eca.synth256")
         >>> out = sliced_predict(model, image, slice_size=256, overlap=0.2, batch_size=8)
@@ -569,32 +670,37 @@ def sliced_predict(detector: Callable, image, *, slice_size: int | tuple[int, in
     cfg = SlicingConfig(slice_size=slice_size, overlap=overlap, full_image=full_image, merge=merge, match=match,
                         threshold=threshold, batch_size=batch_size, occlusion_safe=occlusion_safe, resize=resize,
                         score_threshold=score_threshold, max_detections=max_detections, seam_margin=seam_margin)
-    if not callable(detector):
-        raise TypeError(f"detector must be a callable torchvision-API detector, got {type(detector).__name__}")
-    if isinstance(detector, nn.Module) and detector.training:
-        raise ValueError("detector is in training mode; call detector.eval() first (in training mode torchvision "
-                         "detectors need targets and return losses)")
-    image = _as_image(image, dtype=_input_dtype(detector))
+    _check_detector(detector)
+    return _sliced(detector, _as_image(image, dtype=_input_dtype(detector)), cfg, "image")
+
+
+def _sliced(detector: Callable, image: torch.Tensor, cfg: SlicingConfig, name: str) -> dict[str, torch.Tensor]:
+    """:func:`sliced_predict` of a checked ``(3, H, W)`` image; errors name it ``name``."""
     _, height, width = image.shape
     if height == 0 or width == 0:
-        raise ValueError(f"image is empty ({width}x{height} pixels)")
+        raise ValueError(f"{name} is empty ({width}x{height} pixels)")
     tw, th = _check_size("slice_size", cfg.slice_size)
     steps = [len(tile_starts(length, tile, cfg.overlap)) for length, tile in ((width, tw), (height, th))]
     count = steps[0] * steps[1]
     coverage = count * min(tw, width) * min(th, height) / (width * height)
     if count > MAX_TILES or coverage > MAX_COVERAGE:
-        raise ValueError(f"slice_size {cfg.slice_size} with overlap {cfg.overlap} cuts the {width}x{height} image "
-                         f"into {count} tiles covering it {coverage:.0f} times over (limits: {MAX_TILES} tiles, "
+        raise ValueError(f"{name}: slice_size {cfg.slice_size} with overlap {cfg.overlap} cuts the {width}x{height} "
+                         f"image into {count} tiles covering it {coverage:.0f} times over (limits: {MAX_TILES} tiles, "
                          f"{MAX_COVERAGE:.0f}x); use a lower overlap or larger tiles")
     windows = tile_windows(width, height, cfg.slice_size, cfg.overlap)
     tile_wh = (windows[0][2] - windows[0][0], windows[0][3] - windows[0][1])
+    if cfg.resize == "model" and _resized_is_empty(detector, tile_wh[1], tile_wh[0]):
+        raise ValueError(f"{name}: a tile of {tile_wh[0]}x{tile_wh[1]} pixels would be resized by the detector "
+                         "(resize='model') to 0 pixels on a side; use resize='native' (tiles at their own size) "
+                         "or larger tiles")
 
     parts: list[tuple[int, dict]] = []  # (source index, output in that source's pixels)
     with _tile_resolution(detector, tile_wh, cfg.resize == "native"):
         for start in range(0, len(windows), cfg.batch_size):
             batch = windows[start:start + cfg.batch_size]
             crops = [image[:, y0:y1, x0:x1] for x0, y0, x1, y1 in batch]  # views, (3, th, tw) each
-            parts += [(start + k, out) for k, out in enumerate(_run(detector, crops))]
+            outs = _run(detector, crops, f"{name}, tiles {start + 1}..{start + len(batch)}")
+            parts += [(start + k, out) for k, out in enumerate(outs)]
     sources_xyxy = list(windows)
     if cfg.full_image and len(windows) > 1:
         if _resized_is_empty(detector, height, width):
@@ -602,22 +708,29 @@ def sliced_predict(detector: Callable, image, *, slice_size: int | tuple[int, in
                           "side; the full-image pass is skipped", stacklevel=2)
         else:
             sources_xyxy.append((0, 0, width, height))
-            parts.append((len(windows), _run(detector, [image])[0]))
+            parts.append((len(windows), _run(detector, [image], f"{name}, full-image pass")[0]))
     has_masks = any(isinstance(out, dict) and "masks" in out for _, out in parts)
+
+    def source(s: int) -> str:
+        x0, y0, x1, y1 = sources_xyxy[s]
+        if s == len(windows):
+            return f"{name}, full-image pass"
+        return f"{name}, tile {s + 1} of {len(windows)} (x {x0}..{x1}, y {y0}..{y1})"
+
     parts = [(s, _check_output(out, (sources_xyxy[s][2] - sources_xyxy[s][0], sources_xyxy[s][3] - sources_xyxy[s][1]),
-                               has_masks)) for s, out in parts]
+                               has_masks, source(s))) for s, out in parts]
 
     boxes, scores, labels, srcs, masks = [], [], [], [], []
     for s, out in parts:
         x0, y0 = sources_xyxy[s][:2]
-        keep = out["scores"].detach() > cfg.score_threshold
-        b = out["boxes"].detach()[keep].float().cpu()
+        keep = out["scores"] > cfg.score_threshold
+        b = out["boxes"][keep].float().cpu()
         boxes.append(b + torch.tensor([x0, y0, x0, y0], dtype=b.dtype))  # tile -> image pixels
-        scores.append(out["scores"].detach()[keep].float().cpu())
-        labels.append(out["labels"].detach()[keep].cpu().long())
+        scores.append(out["scores"][keep].float().cpu())
+        labels.append(out["labels"][keep].cpu())
         srcs.append(torch.full((len(b),), s, dtype=torch.long))
         if has_masks:  # each kept as its non-zero window only: memory grows with objects, not tiles
-            masks += [(s, *_nonzero_window(m)) for m in out["masks"].detach()[keep]]
+            masks += [(s, *_nonzero_window(m)) for m in out["masks"][keep]]
     boxes_t, scores_t, labels_t = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
     groups = merge_predictions(boxes_t, scores_t, labels_t, merge=cfg.merge, match=cfg.match,
                                threshold=cfg.threshold, sources=torch.cat(srcs),
@@ -650,25 +763,62 @@ def sliced_predict(detector: Callable, image, *, slice_size: int | tuple[int, in
     return result
 
 
-@torch.no_grad()
-def predict_images(detector: Callable, images: Sequence, slicing: SlicingConfig | dict | None,
-                   score_threshold: float = 0.0) -> list[dict]:
-    """Predictions for ``images`` (each ``(3, H, W)`` in 0..1 or ``(H, W, 3)`` numpy): sliced per
-    image with ``slicing`` (a :class:`SlicingConfig` or a dict of its fields), else one batched
-    forward of the detector as configured. Detections scoring at or below ``score_threshold`` are
-    dropped either way (sliced, ``slicing.score_threshold`` also drops them before merging)."""
-    slicing = SlicingConfig.coerce(slicing)
-    threshold = check_real("score_threshold", score_threshold, 0.0, 1.0, hi_open=True)
-    dtype = _input_dtype(detector)
-    images = [_as_image(im, f"images[{i}]", dtype) for i, im in enumerate(images)]
+def _check_whole_image(detector, image: torch.Tensor, name: str) -> None:
+    """An image the detector can take whole: not empty, and not so thin that its resize would leave
+    0 pixels on a side (torchvision then fails inside ``interpolate``)."""
+    _, h, w = image.shape
+    if h == 0 or w == 0:
+        raise ValueError(f"{name} is empty ({w}x{h} pixels)")
+    if _resized_is_empty(detector, h, w):
+        sizes = ", ".join(f"min_size {t.min_size}, max_size {t.max_size}" for t in _transforms(detector))
+        raise ValueError(f"{name} is {w}x{h} pixels: the detector's resize ({sizes}) would shrink it to 0 pixels "
+                         "on a side; predict it sliced (slicing=..., `visattn predict --slice PX`), whose tiles keep "
+                         "their own size, or pad it")
+
+
+def _predict(detector: Callable, images: list[torch.Tensor], slicing: SlicingConfig | None, threshold: float,
+             names: list[str]) -> list[dict]:
+    """:func:`predict_images` of checked ``(3, H, W)`` tensors; errors name each by ``names``."""
+    if not images:
+        return []
     if slicing is None:
-        outputs = _run(detector, images)
+        for image, name in zip(images, names, strict=True):
+            _check_whole_image(detector, image, name)
+        outputs = _run(detector, images, ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
+        has_masks = any(isinstance(out, dict) and "masks" in out for out in outputs)
+        outputs = [_check_output(out, (image.shape[2], image.shape[1]), has_masks, name)
+                   for out, image, name in zip(outputs, images, names, strict=True)]
     else:
-        outputs = [sliced_predict(detector, im, **slicing.kwargs()) for im in images]
+        outputs = [_sliced(detector, image, slicing, name) for image, name in zip(images, names, strict=True)]
     if threshold > 0:
         outputs = [{k: (v[out["scores"] > threshold] if isinstance(v, torch.Tensor) and v.ndim and
                         len(v) == len(out["scores"]) else v) for k, v in out.items()} for out in outputs]
     return outputs
+
+
+@torch.no_grad()
+def predict_images(detector: Callable, images: Sequence, slicing: SlicingConfig | dict | None,
+                   score_threshold: float = 0.0) -> list[dict]:
+    """Predictions for ``images`` (a list, each ``(3, H, W)`` in 0..1 or ``(H, W, 3)`` numpy): sliced
+    per image with ``slicing`` (a :class:`SlicingConfig` or a dict of its fields), else one batched
+    forward of the detector as configured. Detections scoring at or below ``score_threshold`` are
+    dropped either way (sliced, ``slicing.score_threshold`` also drops them before merging).
+
+    Every detector output is checked as in :func:`sliced_predict` (an error names ``images[i]``, and
+    the tile), boxes are clipped to their image and those left with no area dropped, labels are
+    int64. Without slicing, an empty image, or one so thin that the detector's resize would leave 0
+    pixels on a side, is a ``ValueError`` naming it (slicing keeps tiles at their own size).
+    """
+    slicing = SlicingConfig.coerce(slicing)
+    threshold = check_real("score_threshold", score_threshold, 0.0, 1.0, hi_open=True)
+    _check_detector(detector)
+    if isinstance(images, torch.Tensor | np.ndarray | str | bytes | dict) or not isinstance(images, Sequence):
+        raise TypeError(f"images must be a list of images ((3, H, W) tensors or (H, W, 3) arrays), got "
+                        f"{type(images).__name__}; wrap a single image in a list")
+    dtype = _input_dtype(detector)
+    names = [f"images[{i}]" for i in range(len(images))]
+    tensors = [_as_image(im, name, dtype) for im, name in zip(images, names, strict=True)]
+    return _predict(detector, tensors, slicing, threshold, names)
 
 
 
@@ -702,45 +852,130 @@ def load_detector(*, weights: str | None = None, ckpt=None, config=None) -> nn.M
     return model.eval()
 
 
-def predict_folder(detector: Callable, images, *, slicing: SlicingConfig | None = None, gt=None,
-                   score_threshold: float = 0.0) -> list[dict]:
+def _num_classes(detector) -> int | None:
+    """The object classes (background excluded) a torchvision detector, or a wrapper holding one
+    as ``.model`` (``DetectionModule``), predicts; ``None`` when it does not say."""
+    from .lit.detection import detector_num_classes
+
+    for module in (detector, getattr(detector, "model", None)):
+        if isinstance(module, nn.Module):
+            found = detector_num_classes(module)
+            if found is not None:
+                return found
+    return None
+
+
+def _read_upright(path) -> np.ndarray:
+    """``(H, W, 3)`` pixels of an image file that has no ground-truth entry, turned the way its EXIF
+    orientation says (as a viewer shows it: ``PIL.ImageOps.exif_transpose``, which the data module's
+    :func:`~visattn.data.images.orient_image` also applies) and decoded in their real range
+    (:func:`~visattn.data.images.decode_image`). An unreadable EXIF block orients nothing, as in
+    the data module. A missing or unreadable file is an error naming it."""
+    from PIL import Image, ImageOps
+
+    from .data.images import decode_image
+
+    try:
+        with Image.open(path) as im:
+            try:
+                upright = ImageOps.exif_transpose(im)
+            except (ValueError, TypeError, OSError):
+                upright = im
+            return decode_image(upright, name=str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except Image.DecompressionBombError as e:
+        raise OSError(f"cannot read image {path}: {e}") from None
+    except OSError as e:
+        if str(path) in str(e):
+            raise
+        raise OSError(f"cannot read image {path}: {e}") from None
+
+
+@torch.no_grad()
+def predict_folder(detector: Callable, images, *, slicing: SlicingConfig | dict | None = None, gt=None,
+                   score_threshold: float = 0.0, on_image: Callable | None = None) -> list[dict]:
     """COCO results (``image_id, category_id, bbox`` xywh, ``score`` [, ``segmentation``]) for the
     images of a folder, sliced with ``slicing`` (``None``: one forward per image, as configured),
     without the detections scoring at or below ``score_threshold``.
 
-    With ``gt`` (a COCO instances file), the images it lists are predicted, with its image ids, and
-    labels ``1..K`` map to its category ids in ascending order (as in training); without it, every
-    image file in the folder (sorted by name) gets id 1, 2, ... and ``category_id`` is the label.
+    With ``gt`` (a COCO instances file), the images it lists are predicted, with its image ids and
+    oriented as the data module does (its ``width``/``height`` decide whether EXIF applies), and
+    labels ``1..K`` map to its ``K`` category ids in ascending order (as in training). ``K`` must be
+    the detector's ``num_classes`` (read from the model; a ``ValueError`` before any image is read
+    otherwise), and a label above ``K`` from a detector that does not say is an error naming the
+    image: a detection is never dropped or relabelled silently. The published weights and run
+    configs carry no class names today, so categories are matched by count and id order, not by
+    name: a file with the same number of other classes is not detected.
+
+    Without ``gt``, every image file in the folder (sorted by name) gets id 1, 2, ... and
+    ``category_id`` is the label; each image is turned upright by its EXIF orientation (as a viewer
+    shows it), and its boxes are in those upright pixels.
+
+    Either way, label 0 (background, which a sigmoid head such as FCOS's may emit) is never
+    written, and every detector output is checked as in :func:`predict_images`; errors name the
+    image file.
+
+    ``on_image(image_id, path, results)``, if given, is called after each image with its COCO
+    results (``visattn predict`` counts images with it).
     """
     from pathlib import Path
 
+    from ._checks import check_pathlike
     from .data.coco import CategoryMap, load_coco
     from .data.images import read_image, resolve_image
     from .lit.detection import to_coco_results
 
+    _check_detector(detector)
+    check_pathlike("images", images)
     folder = Path(images)
     if not folder.is_dir():
         raise NotADirectoryError(f"images folder {str(folder)!r} does not exist or is not a folder")
     slicing = SlicingConfig.coerce(slicing)
+    threshold = check_real("score_threshold", score_threshold, 0.0, 1.0, hi_open=True)
+    if on_image is not None and not callable(on_image):
+        raise TypeError(f"on_image must be None or a callable (image_id, path, results), got {type(on_image).__name__}")
+    num_classes = _num_classes(detector)
     if gt is not None:
+        check_pathlike("gt", gt)
         data = load_coco(gt)
+        categories = CategoryMap(data["categories"])
+        if num_classes is not None and num_classes != len(categories):
+            raise ValueError(f"the detector was built for num_classes={num_classes} but the ground truth {str(gt)!r} "
+                             f"has {len(categories)} categories ({', '.join(categories.names[:5])}"
+                             f"{', ...' if len(categories) > 5 else ''}): its labels cannot be mapped onto them; "
+                             "give the annotation file of the classes the model was trained on")
         entries = [(im["id"], resolve_image(folder, im["file_name"], image_id=im["id"], source=str(gt)), im)
                    for im in sorted(data["images"], key=lambda im: im["id"])]
-        to_category = CategoryMap(data["categories"]).to_category
+        to_category = categories.to_category
     else:
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {str(folder)!r}")
-        entries = [(i + 1, p, {}) for i, p in enumerate(files)]
+        entries = [(i + 1, p, None) for i, p in enumerate(files)]
         to_category = None
+    dtype = _input_dtype(detector)
     results: list[dict] = []
     for image_id, path, info in entries:
-        pixels = read_image(path, width=info.get("width"), height=info.get("height"), image_id=image_id)
-        tensor = _as_image(pixels if pixels.dtype == np.uint8 else pixels.astype(np.float32))
-        output = predict_images(detector, [tensor], slicing, score_threshold)[0]
-        labels = {int(v) for v in output["labels"].tolist()}
-        mapping = to_category if to_category is not None else {v: v for v in labels}
+        name = f"{path} (image id {image_id})" if info is not None else str(path)
+        if info is None:
+            pixels = _read_upright(path)
+        else:
+            pixels = read_image(path, width=info.get("width"), height=info.get("height"), image_id=image_id)
+        tensor = _as_image(pixels if pixels.dtype == np.uint8 else pixels.astype(np.float32), name, dtype)
+        output = _predict(detector, [tensor], slicing, threshold, [name])[0]
+        labels = sorted({int(v) for v in output["labels"].tolist()})
+        if to_category is not None:
+            unknown = [v for v in labels if v > len(to_category)]
+            if unknown:
+                raise ValueError(f"{name}: the detector predicted label {unknown[0]} but the ground truth "
+                                 f"{str(gt)!r} has {len(to_category)} categories (labels 1..{len(to_category)}); "
+                                 "give the annotation file of the classes the model was trained on")
+        mapping = to_category if to_category is not None else {v: v for v in labels if v >= 1}
         h, w = tensor.shape[1:]
         target = {"image_id": image_id, "orig_size": (h, w), "size": (h, w)}
-        results += to_coco_results(output, target, mapping, with_masks="masks" in output)
+        found = to_coco_results(output, target, mapping, with_masks="masks" in output)
+        results += found
+        if on_image is not None:
+            on_image(image_id, path, found)
     return results
