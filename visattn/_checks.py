@@ -11,7 +11,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_pathlike", "check_real", "is_int", "is_real"]
+__all__ = ["MAX_IMAGE_SIDE", "check_bool", "check_choice", "check_int", "check_pathlike", "check_real", "is_int",
+           "is_real"]
+
+#: The largest image side (pixels) an argument may ask for: a detector's ``min_size``/``max_size``
+#: (one 8192 x 8192 RGB float image is 0.8 GB before any feature map), as
+#: :data:`visattn.data.synthetic.MAX_SIDE` for generated images.
+MAX_IMAGE_SIDE = 8192
 
 
 def is_int(v) -> bool:

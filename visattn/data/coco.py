@@ -8,7 +8,6 @@ before and after the transform, to map predictions back) and, when asked for, ``
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -21,123 +20,41 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 
 from .._checks import check_bool, check_int, check_pathlike
-from .._rle import rle_problem
 from .images import read_image, resolve_image
 from .transforms import build_transform
+from .validate import check_gt, read_gt
 
 __all__ = ["CategoryMap", "CocoDataModule", "CocoDetectionDataset", "check_coco", "collate", "load_coco",
            "resolve_image"]
-
-
-def _fail(source: str, what: str) -> None:
-    raise ValueError(f"{source}: malformed COCO annotations: {what}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_images(src: str, images: list) -> set[int]:
-    ids: dict[int, int] = {}
-    for i, img in enumerate(images):
-        if not isinstance(img, dict) or not _is_int(img.get("id")) or not isinstance(img.get("file_name"), str):
-            _fail(src, f"images[{i}] needs an int 'id' and a str 'file_name', got {img!r:.120}")
-        if img["id"] in ids:
-            _fail(src, f"images[{i}] repeats image id {img['id']} of images[{ids[img['id']]}]")
-        ids[img["id"]] = i
-        has = [k for k in ("width", "height") if k in img]
-        if has and (len(has) == 1 or not all(_is_int(img[k]) and img[k] > 0 for k in has)):
-            _fail(src, f"images[{i}] (id {img['id']}) needs both 'width' and 'height' as positive ints "
-                       f"(or neither), got width={img.get('width')!r}, height={img.get('height')!r}")
-    return set(ids)
-
-
-def _check_categories(src: str, categories: list) -> set[int]:
-    ids: set[int] = set()
-    for i, cat in enumerate(categories):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
-            _fail(src, f"categories[{i}] needs an int 'id', got {cat!r:.120}")
-        if cat["id"] in ids:
-            _fail(src, f"categories[{i}] repeats category id {cat['id']}")
-        ids.add(cat["id"])
-    return ids
-
-
-def _check_annotation(src: str, i: int, ann, image_ids: set[int], cat_ids: set[int]) -> None:
-    if not isinstance(ann, dict):
-        _fail(src, f"annotations[{i}] is not an object")
-    for key in ("image_id", "category_id", "bbox"):
-        if key not in ann:
-            _fail(src, f"annotations[{i}] has no '{key}'")
-    if "id" in ann and not _is_int(ann["id"]):
-        _fail(src, f"annotations[{i}] 'id' must be an int, got {ann['id']!r:.60}")
-    if not _is_int(ann["image_id"]) or ann["image_id"] not in image_ids:
-        _fail(src, f"annotations[{i}] refers to image id {ann['image_id']!r}, which is not in 'images'")
-    if not _is_int(ann["category_id"]) or ann["category_id"] not in cat_ids:
-        _fail(src, f"annotations[{i}] refers to category id {ann['category_id']!r}, which is not in 'categories'")
-    box = ann["bbox"]
-    if (not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box)
-            or box[2] < 0 or box[3] < 0):
-        _fail(src, f"annotations[{i}] bbox must be [x, y, w, h] with finite numbers and w, h >= 0, got {box!r}")
-    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
-        _fail(src, f"annotations[{i}] area must be a finite number >= 0, got {ann['area']!r:.60}")
-    if ann.get("iscrowd", 0) not in (0, 1):
-        _fail(src, f"annotations[{i}] iscrowd must be 0 or 1, got {ann['iscrowd']!r:.60}")
-    if "segmentation" in ann and not isinstance(ann["segmentation"], list | dict):
-        _fail(src, f"annotations[{i}] segmentation must be polygons (a list) or an RLE (an object), "
-                   f"got {type(ann['segmentation']).__name__}")
-    if isinstance(ann.get("segmentation"), dict) and (problem := rle_problem(ann["segmentation"])):
-        _fail(src, f"annotations[{i}] segmentation is not a valid RLE: {problem}")
 
 
 def check_coco(data, source: str = "the annotations") -> dict:
     """Check a parsed COCO instances object in place and return it (``annotations`` defaults to
     ``[]``); errors are ``ValueError`` naming ``source`` and the offending entry.
 
-    Checked: the three lists; int, unique image, category and annotation ids;
-    ``width``/``height`` both positive ints or both absent; every annotation's image and category
-    exist, ``bbox`` is four finite numbers with ``w, h >= 0``, ``area`` finite and ``>= 0``,
-    ``iscrowd`` 0 or 1. Booleans are not numbers here.
+    This is the evaluation's check too (:func:`visattn.data.validate.check_gt`), so a file accepted
+    here is accepted by :func:`visattn.evaluation.load_gt` and ``evaluate`` after training, and a
+    refused one is refused by both with the same message. Checked: the three lists; int, unique
+    image, category and annotation ids (every annotation needs an ``id``); each image's str
+    ``file_name`` and ``width``/``height`` both positive ints or both absent; every annotation's
+    image and category exist, ``bbox`` is four finite numbers with ``w, h >= 0``, ``area`` is
+    present, finite and ``>= 0``, ``iscrowd`` 0 or 1, ``occlusion`` (where present) in [0, 1],
+    ``segmentation`` (where present) polygons or a valid RLE of its image's size. Booleans are not
+    numbers here.
     """
-    src = str(source)
-    if not isinstance(data, dict):
-        _fail(src, "top level must be an object with 'images', 'annotations', 'categories', got "
-                   f"{type(data).__name__}")
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
-            _fail(src, f"missing list '{key}'")
+    check_gt(data, str(source))
     data.setdefault("annotations", [])
-    if not isinstance(data["annotations"], list):
-        _fail(src, "'annotations' must be a list")
-    image_ids = _check_images(src, data["images"])
-    cat_ids = _check_categories(src, data["categories"])
-    ann_ids: dict[int, int] = {}
-    for i, ann in enumerate(data["annotations"]):
-        _check_annotation(src, i, ann, image_ids, cat_ids)
-        if "id" in ann:
-            if ann["id"] in ann_ids:
-                _fail(src, f"annotations[{i}] repeats annotation id {ann['id']} of annotations[{ann_ids[ann['id']]}]")
-            ann_ids[ann["id"]] = i
     return data
 
 
 def load_coco(path: str | os.PathLike) -> dict:
     """Load and check a COCO instances file (:func:`check_coco`); errors name the file and the
-    offending entry."""
+    offending entry, exactly as :func:`visattn.evaluation.load_gt` names them for the same file."""
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"load_coco: path must be a str or os.PathLike, got {type(path).__name__}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return check_coco(data, str(path))
+    data = read_gt(path)
+    data.setdefault("annotations", [])
+    return data
 
 
 class CategoryMap:

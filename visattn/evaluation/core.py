@@ -21,6 +21,7 @@ from pycocotools import mask as mask_utils
 
 from .._checks import check_bool, check_choice, check_real, is_int, is_real
 from .._rle import rle_problem
+from ..data.validate import IOU_TYPES, check_gt, read_gt
 
 __all__ = [
     "BACKENDS", "OCCLUSION_BUCKETS", "SIZE_BINS", "STANDARD_KEYS", "evaluate", "load_gt", "load_predictions",
@@ -43,7 +44,6 @@ OCCLUSION_BUCKETS: dict[str, tuple[float, float]] = {
 }
 _EPS = 1e-9
 BACKENDS = ("pycocotools", "faster_coco_eval")
-IOU_TYPES = ("bbox", "segm")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,12 +78,17 @@ def _check_iou_type(iou_type) -> str:
 def load_gt(gt, *, iou_type: str | None = None) -> dict:
     """The ground-truth dataset dict from a path, a dict or a loaded ``COCO`` object, checked.
 
-    Checks (errors name the entry): ``images``/``categories``/``annotations`` are lists; image,
-    category and annotation ids are unique ints; every annotation refers to a known image and
-    category and has a finite ``bbox`` ``[x, y, w, h]`` with ``w, h >= 0``, a finite ``area >= 0``,
-    ``iscrowd`` 0 or 1 and, where present, a finite ``occlusion`` in [0, 1]. With
-    ``iou_type="segm"`` every image needs ``height``/``width`` and every annotation a polygon list
-    or an RLE ``segmentation``. The dict is returned as given (not copied, not reordered).
+    The check is the data loaders' (:func:`visattn.data.validate.check_gt`), so what
+    :func:`visattn.data.load_coco` accepts for training is accepted here, and a file either
+    refuses is refused by both with the same message. Errors name the entry: ``images``/
+    ``categories``/``annotations`` are lists; image, category and annotation ids are unique ints;
+    every image has a str ``file_name``; every annotation has an ``id``, refers to a known image
+    and category and has a finite ``bbox`` ``[x, y, w, h]`` with ``w, h >= 0``, a finite
+    ``area >= 0``, ``iscrowd`` 0 or 1 and, where present, a finite ``occlusion`` in [0, 1] and a
+    ``segmentation`` that is polygons or a valid RLE. With ``iou_type="segm"`` every image needs
+    ``height``/``width`` and every annotation polygons (>= 3 points) or an RLE ``segmentation``.
+    Ground truth given as a dict or ``COCO`` is named ``gt`` in errors, each annotation with its
+    id and image id. The dict is returned as given (not copied, not reordered).
     """
     if iou_type is not None:
         _check_iou_type(iou_type)
@@ -92,79 +97,14 @@ def load_gt(gt, *, iou_type: str | None = None) -> dict:
     elif isinstance(gt, dict):
         data, source = gt, "gt"
     elif isinstance(gt, str | os.PathLike):
-        from ..data.coco import load_coco
-        data, source = load_coco(gt), f"gt {os.fspath(gt)!r}"
+        data = read_gt(gt, iou_type=iou_type)
+        data.setdefault("annotations", [])
+        return data
     else:
         raise TypeError(f"gt must be a COCO instances JSON path, its dict or a pycocotools COCO, "
                         f"got {type(gt).__name__}")
-    _check_gt(data, source, iou_type)
+    check_gt(data, source, iou_type=iou_type, name_ids=True)
     return data
-
-
-def _gt_fail(source: str, what: str) -> None:
-    raise ValueError(f"{source}: {what}")
-
-
-def _check_ids(data: dict, key: str, source: str) -> set:
-    items = data.get(key, [] if key == "annotations" else None)
-    if not isinstance(items, list):
-        _gt_fail(source, f"'{key}' must be a list, got {type(items).__name__}")
-    ids: set = set()
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or not _is_int(item.get("id")):
-            _gt_fail(source, f"{key}[{i}] needs an int 'id', got {item!r:.120}")
-        if item["id"] in ids:
-            _gt_fail(source, f"{key}[{i}] repeats id {item['id']}")
-        ids.add(item["id"])
-    return ids
-
-
-def _check_gt_segmentation(segm, where: str, source: str) -> None:
-    if isinstance(segm, list):
-        ok = bool(segm) and all(isinstance(poly, list | tuple) and len(poly) >= 6 and len(poly) % 2 == 0
-                                and all(_finite(v) for v in poly) for poly in segm)
-    else:
-        problem = rle_problem(segm)
-        if problem is not None:
-            _gt_fail(source, f"{where} segmentation is not a valid RLE: {problem}")
-        return
-    if not ok:
-        _gt_fail(source, f"{where} segmentation must be polygons (lists of >= 3 finite x, y pairs) or an "
-                         f"RLE dict with 'size' and 'counts', got {segm!r:.120}")
-
-
-def _check_gt(data, source: str, iou_type: str | None) -> None:
-    if not isinstance(data, dict):
-        raise TypeError(f"{source} must be a COCO dataset dict, got {type(data).__name__}")
-    image_ids, cat_ids = _check_ids(data, "images", source), _check_ids(data, "categories", source)
-    _check_ids(data, "annotations", source)
-    sizes = {}
-    for i, im in enumerate(data["images"]):
-        h, w = im.get("height"), im.get("width")
-        if (h is not None or w is not None or iou_type == "segm") and not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
-            _gt_fail(source, f"images[{i}] (id={im['id']}) needs int 'height' and 'width' >= 1, got {h!r}, {w!r}")
-        sizes[im["id"]] = (h, w)
-    for i, a in enumerate(data.get("annotations", [])):
-        where = f"annotations[{i}] (id={a['id']}, image_id={a.get('image_id')!r})"
-        if a.get("image_id") not in image_ids:
-            _gt_fail(source, f"{where} refers to an image id not in 'images'")
-        if a.get("category_id") not in cat_ids:
-            _gt_fail(source, f"{where} refers to category id {a.get('category_id')!r}, not in 'categories'")
-        box = a.get("bbox")
-        if not (isinstance(box, list | tuple) and len(box) == 4 and all(_finite(v) for v in box)
-                and box[2] >= 0 and box[3] >= 0):
-            _gt_fail(source, f"{where} bbox must be 4 finite numbers [x, y, w, h] with w, h >= 0, got {box!r:.120}")
-        if not (_finite(a.get("area")) and a["area"] >= 0):
-            _gt_fail(source, f"{where} area must be a finite number >= 0, got {a.get('area')!r}")
-        crowd = a.get("iscrowd", 0)
-        if not (isinstance(crowd, bool) or _is_int(crowd)) or crowd not in (0, 1):
-            _gt_fail(source, f"{where} iscrowd must be 0 or 1, got {a.get('iscrowd')!r}")
-        if "occlusion" in a and not (_finite(a["occlusion"]) and 0 <= a["occlusion"] <= 1):
-            _gt_fail(source, f"{where} occlusion must be a finite number in [0, 1], got {a['occlusion']!r}")
-        if iou_type == "segm":
-            if "segmentation" not in a:
-                _gt_fail(source, f"{where} has no 'segmentation' (needed for iou_type='segm')")
-            _check_gt_segmentation(a["segmentation"], where, source)
 
 
 def load_predictions(predictions) -> list[dict]:
@@ -338,23 +278,54 @@ def _evaluator(backend: str, gt_obj, dt_obj, iou_type: str, area_rngs: dict[str,
 
 
 def _mean_valid(a: np.ndarray) -> float:
+    """Mean of the entries COCOeval filled in; -1 (n/a) when there are none (no ground truth)."""
     v = a[a > -1]
     return float(v.mean()) if v.size else -1.0
 
 
 def _ap_ar(ev, a: int) -> tuple[float, float]:
-    """AP (IoU .50:.95) and AR100 for area range index ``a``."""
+    """AP (IoU .50:.95) and AR100 for area range index ``a``; -1 where it has no ground truth."""
     return _mean_valid(ev.eval["precision"][:, :, :, a, -1]), _mean_valid(ev.eval["recall"][:, :, a, -1])
 
 
-def _curve(ev, a: int) -> list[float]:
-    """Mean precision over classes at IoU 0.5 for each of COCO's 101 recall thresholds."""
+def _curve(ev, a: int) -> list[float] | None:
+    """Mean precision over classes at IoU 0.5 for each of COCO's 101 recall thresholds; ``None``
+    when area range ``a`` has no ground truth (a class without it has -1 at every threshold)."""
     p = ev.eval["precision"][0, :, :, a, -1]  # (R, K)
-    out = []
-    for row in p:
-        v = row[row > -1]
-        out.append(round(float(v.mean()), 5) if v.size else 0.0)
-    return out
+    valid = p[0] > -1  # (K,) classes with ground truth in the range
+    if not valid.any():
+        return None
+    return [round(float(row[valid].mean()), 5) for row in p]
+
+
+# --------------------------------------------------------------------------------------------------
+# Groups without predictions: what COCOeval would give, from the ground-truth counts alone
+# (loadRes cannot take an empty list). A group with no ground truth is -1 (n/a), as COCOeval
+# reports it when there are predictions; one with ground truth and no detection scores 0.
+
+
+_ALL = (0.0, 1e10)
+#: The area range of each of COCOeval's 12 summary numbers (its areaRng all / small / medium / large).
+STANDARD_RANGES: dict[str, tuple[float, float]] = {
+    **dict.fromkeys(("AP", "AP50", "AP75", "AR1", "AR10", "AR100"), _ALL),
+    "APs": (0.0, 32.0 ** 2), "ARs": (0.0, 32.0 ** 2),
+    "APm": (32.0 ** 2, 96.0 ** 2), "ARm": (32.0 ** 2, 96.0 ** 2),
+    "APl": (96.0 ** 2, 1e10), "ARl": (96.0 ** 2, 1e10),
+}
+
+
+def gt_count(gt: dict, rng: tuple[float, float], key: str = "area", category: int | None = None) -> int:
+    """Ground truth COCOeval scores in ``rng`` (``lo <= gt[key] <= hi``, not crowd; an annotation
+    without ``key`` counts nowhere), of one ``category`` or all."""
+    lo, hi = rng
+    return sum(1 for a in gt.get("annotations", [])
+               if not a.get("iscrowd", 0) and lo <= a.get(key, -1) <= hi
+               and (category is None or a["category_id"] == category))
+
+
+def empty_score(count: int) -> float:
+    """A metric without predictions: 0.0 over ``count > 0`` objects, -1 (n/a) over none."""
+    return 0.0 if count else -1.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -502,7 +473,8 @@ def evaluate(gt, predictions, *, iou_type: str = "bbox", backend: str = "pycocot
 
     Returns a JSON-serialisable dict:
         - the 12 standard metrics ``AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl``,
-          equal to pycocotools' ``stats`` (empty predictions give 0.0, not a crash);
+          equal to pycocotools' ``stats`` (empty predictions give what COCOeval would: 0.0, or -1
+          where there is no ground truth; not a crash);
         - ``size``: AP, AR100 and ground-truth count per AI-TOD bin (``very_tiny`` < 8^2,
           ``tiny`` 8^2-16^2, ``small`` 16^2-32^2, ``medium``, ``large``) of the ground truth's ``area``;
         - ``occlusion`` (when the ground truth has an ``occlusion`` field): AP, AR100 and count for
@@ -513,7 +485,14 @@ def evaluate(gt, predictions, *, iou_type: str = "bbox", backend: str = "pycocot
         - ``per_class``: AP per category name;
         - ``errors``: TIDE-style AP50 lost to each error type, overall and per size bin
           (:func:`visattn.evaluation.errors.error_breakdown`);
-        - ``curves``: precision at IoU 0.5 over the 101 recall thresholds, per size bin and bucket.
+        - ``curves``: precision at IoU 0.5 over the 101 recall thresholds, per size bin and bucket
+          that has ground truth (``"size/tiny"``, ``"occlusion/heavy"``; all 0 without predictions).
+
+    No ground truth, no number: a group (size bin, occlusion bucket, class, error-breakdown bin,
+    a standard metric's area range, or everything, for an empty image list or all-crowd ground
+    truth) without non-crowd ground truth is -1 (n/a, as COCOeval reports it; ``None`` for a
+    difference), with or without predictions and on either backend, and has no curve; a group with
+    ground truth and no matching detection is 0.0. Read -1 as "not measured", never as a score.
 
     Errors: the ground truth is checked as by :func:`load_gt`; a prediction that is not a dict with
     int ``image_id``/``category_id``, a finite number ``score``, a ``bbox`` of 4 finite numbers
@@ -535,56 +514,53 @@ def evaluate(gt, predictions, *, iou_type: str = "bbox", backend: str = "pycocot
         check_bool(name, flag)
     recall_kwargs = _recall_kwargs(occluded_recall_kwargs)
     gt_data, preds = prepare(gt, predictions, iou_type)
-    counts_by = lambda rng, key="area": sum(
-        1 for a in gt_data["annotations"] if not a.get("iscrowd", 0) and rng[0] <= a.get(key, -1) <= rng[1])
     result: dict = {"iou_type": iou_type, "backend": backend, "num_images": len(gt_data["images"]),
                     "num_predictions": len(preds)}
     has_occ = occlusion and any("occlusion" in a for a in gt_data["annotations"])
-    if not preds:
-        result.update(dict.fromkeys(STANDARD_KEYS, 0.0))
-        if size_bins:
-            result["size"] = {k: {"AP": 0.0, "AR100": 0.0, "count": counts_by(r)} for k, r in SIZE_BINS.items()}
-        if has_occ:
-            result["occlusion"] = {k: {"AP": 0.0, "AR100": 0.0, "count": counts_by(occlusion_range(k), "occlusion")}
-                                   for k in OCCLUSION_BUCKETS}
-            result["occluded_recall"] = _occluded_recall(gt_data, preds, iou_type, **recall_kwargs)
-        if per_class:
-            result["per_class"] = dict.fromkeys(class_names(gt_data["categories"]).values(), 0.0)
-        result["curves"] = {}
-        return result
-
-    gt_obj = _coco(cls_coco, gt_data)
-    dt_obj = _load_res(gt_obj, preds)
-    ev = _evaluator(backend, gt_obj, dt_obj, iou_type, None)
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev.summarize()
-    result.update({k: float(v) for k, v in zip(STANDARD_KEYS, ev.stats[:12], strict=True)})
     curves: dict = {}
+    zero_curve = [0.0] * 101  # precision 0 at every recall threshold: ground truth, no detection
+
+    def group(name: str, count: int, ev=None, a: int = 0) -> dict:
+        """AP, AR100 and count of one size bin / occlusion bucket; its curve where it has ground truth."""
+        if ev is None:
+            ap = ar = empty_score(count)
+            curve = zero_curve if count else None
+        else:
+            (ap, ar), curve = _ap_ar(ev, a), _curve(ev, a)
+        if curve is not None:
+            curves[name] = curve
+        return {"AP": ap, "AR100": ar, "count": count}
+
+    if preds:
+        gt_obj = _coco(cls_coco, gt_data)
+        dt_obj = _load_res(gt_obj, preds)
+        ev = _evaluator(backend, gt_obj, dt_obj, iou_type, None)
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev.summarize()
+        result.update({k: float(v) for k, v in zip(STANDARD_KEYS, ev.stats[:12], strict=True)})
+    else:
+        result.update({k: empty_score(gt_count(gt_data, STANDARD_RANGES[k])) for k in STANDARD_KEYS})
     if per_class:
         names = class_names(gt_data["categories"])
-        result["per_class"] = {
-            names[cid]: _mean_valid(ev.eval["precision"][:, :, k, 0, -1])
-            for k, cid in enumerate(ev.params.catIds)}
+        if preds:
+            result["per_class"] = {names[cid]: _mean_valid(ev.eval["precision"][:, :, k, 0, -1])
+                                   for k, cid in enumerate(ev.params.catIds)}
+        else:
+            result["per_class"] = {names[c["id"]]: empty_score(gt_count(gt_data, _ALL, category=c["id"]))
+                                   for c in gt_data["categories"]}
     if size_bins:
-        rngs = {"all": (0.0, 1e10), **SIZE_BINS}
-        ev_s = _evaluator(backend, gt_obj, dt_obj, iou_type, rngs)
-        result["size"] = {}
-        for a, (name, rng) in enumerate(rngs.items()):
-            if name == "all":
-                continue
-            ap, ar = _ap_ar(ev_s, a)
-            result["size"][name] = {"AP": ap, "AR100": ar, "count": counts_by(rng)}
-            curves[f"size/{name}"] = _curve(ev_s, a)
+        rngs = {"all": _ALL, **SIZE_BINS}
+        ev_s = _evaluator(backend, gt_obj, dt_obj, iou_type, rngs) if preds else None
+        result["size"] = {name: group(f"size/{name}", gt_count(gt_data, rngs[name]), ev_s, a)
+                          for a, name in enumerate(rngs) if name != "all"}
         result["size_area_source"] = "ground-truth 'area' field (COCO: mask pixels; synthetic: visible pixels)"
     if has_occ:
         result["occlusion"] = {}
         occ_data = _with_area(gt_data, "occlusion")
         for name in OCCLUSION_BUCKETS:
             lo, hi = occlusion_range(name)
-            ev_o = _bucket_eval(backend, cls_coco, occ_data, preds, iou_type, lo, hi)
-            ap, ar = _ap_ar(ev_o, 0)
-            result["occlusion"][name] = {"AP": ap, "AR100": ar, "count": counts_by((lo, hi), "occlusion")}
-            curves[f"occlusion/{name}"] = _curve(ev_o, 0)
+            ev_o = _bucket_eval(backend, cls_coco, occ_data, preds, iou_type, lo, hi) if preds else None
+            result["occlusion"][name] = group(f"occlusion/{name}", gt_count(gt_data, (lo, hi), "occlusion"), ev_o)
         result["occluded_recall"] = _occluded_recall(gt_data, preds, iou_type, **recall_kwargs)
     if errors:
         from .errors import _error_breakdown

@@ -35,6 +35,8 @@ from .core import (
     _load_res,
     _mean_valid,
     canonical_order,
+    empty_score,
+    gt_count,
     load_gt,
     load_predictions,
     prepare,
@@ -165,18 +167,29 @@ def _fixed(gt: dict, preds: list[dict], kinds, target, missed, kind: str):
 
 
 def _ap50_by_bin(backend: str, gt: dict, preds: list[dict], iou_type: str) -> dict[str, float]:
+    """AP50 overall (``"all"``) and per size bin; -1 (n/a) for one without ground truth."""
     cls_coco, _ = _backend(backend)
     rngs = {"all": (0.0, 1e10), **SIZE_BINS}
     if not preds:
-        return dict.fromkeys(rngs, 0.0)
+        return {name: empty_score(gt_count(gt, rng)) for name, rng in rngs.items()}
     gt_obj = _coco(cls_coco, gt)
     ev = _evaluator(backend, gt_obj, _load_res(gt_obj, preds), iou_type, rngs, iou_thrs=[0.5])
-    return {name: max(_mean_valid(ev.eval["precision"][:, :, :, a, -1]), 0.0) for a, name in enumerate(rngs)}
+    return {name: _mean_valid(ev.eval["precision"][:, :, :, a, -1]) for a, name in enumerate(rngs)}
+
+
+def _gain(fixed: float, base: float) -> float | None:
+    """AP50 an oracle gains; ``None`` (n/a) where either side has no ground truth (-1): a bin
+    without any, or one whose every object the ``missed`` oracle forgets."""
+    return fixed - base if fixed >= 0 and base >= 0 else None
 
 
 def error_breakdown(gt, preds, *, iou_type: str = "bbox", backend: str = "pycocotools") -> dict:
     """AP50 lost to each error type (``delta_AP50``, in AP points 0..1), the number of detections
     (or objects, for ``missed``) of each type, overall and per size bin; see the module docstring.
+
+    Where there is no ground truth (a size bin without any, or none at all) ``AP50`` is -1 and
+    every ``delta_AP50`` ``None`` (n/a), with or without predictions; so is the ``missed`` gain of a
+    bin whose every object was missed (forgetting them leaves nothing to score).
 
     ``gt`` and ``preds`` are taken and checked as by :func:`visattn.evaluation.evaluate`; the
     result is the same for any order of either.
@@ -205,8 +218,8 @@ def _error_breakdown(gt: dict, preds: list[dict], iou_type: str, backend: str) -
         count = len(missed) if kind == "missed" else sum(k == kind for k in kinds)
         out["types"][kind] = {
             "count": count,
-            "delta_AP50": fixed["all"] - base["all"],
-            "size": {b: fixed[b] - base[b] for b in SIZE_BINS},
+            "delta_AP50": _gain(fixed["all"], base["all"]),
+            "size": {b: _gain(fixed[b], base[b]) for b in SIZE_BINS},
         }
     out["true_positives"] = sum(k == "tp" for k in kinds)
     return out

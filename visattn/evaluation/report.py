@@ -17,7 +17,13 @@ __all__ = ["format_markdown", "write_report"]
 
 
 def _pct(v: float | None) -> str:
+    """A metric in %; -1 (COCOeval's mark for no ground truth) and ``None`` are n/a."""
     return "n/a" if v is None or v < 0 else f"{100 * v:.1f}"
+
+
+def _delta(v: float | None) -> str:
+    """A difference in points (it may be negative); ``None`` (no ground truth) is n/a."""
+    return "n/a" if v is None else f"{100 * v:.1f}"
 
 
 def _signed(v: float | None) -> str:
@@ -25,7 +31,10 @@ def _signed(v: float | None) -> str:
 
 
 def format_markdown(result: dict, comparison: dict | None = None, title: str = "Evaluation") -> str:
-    """Markdown tables of an :func:`evaluate` result (and a :func:`compare` result). Values in %."""
+    """Markdown tables of an :func:`evaluate` result (and a :func:`compare` result). Values in %.
+
+    A group without ground truth (a metric of -1, a difference of ``None``) reads ``n/a``, never
+    0.0; an error type's AP50 difference is shown with its sign (a loss is a number, not n/a)."""
     lines = [f"# {title}", "",
              (f"{result.get('num_images', '?')} images, {result.get('num_predictions', '?')} predictions, "
              f"iou_type={result.get('iou_type')}, backend={result.get('backend')}. All values in %."), "",
@@ -61,8 +70,8 @@ def format_markdown(result: dict, comparison: dict | None = None, title: str = "
                   f"AP50 = {_pct(err['AP50'])}; {err['true_positives']} true positives.", "",
                   "| error | count | dAP50 | " + " | ".join(bins) + " |", "|---|---|---|" + "---|" * len(bins)]
         for kind, r in err["types"].items():
-            lines.append(f"| {kind} | {r['count']} | {_pct(r['delta_AP50'])} | "
-                         + " | ".join(_pct(r['size'][b]) for b in bins) + " |")
+            lines.append(f"| {kind} | {r['count']} | {_delta(r['delta_AP50'])} | "
+                         + " | ".join(_delta(r['size'][b]) for b in bins) + " |")
         lines.append("")
     if "per_class" in result:
         lines += ["## AP per class", "", "| class | AP |", "|---|---|"]
@@ -90,7 +99,7 @@ def _plot_curves(result: dict, prefix: str, names, path: Path, title: str) -> No
 
     curves = {n: result.get("curves", {}).get(f"{prefix}/{n}") for n in names}
     if not any(c is not None for c in curves.values()):
-        return  # no predictions: nothing to draw
+        return  # no group with ground truth: nothing to draw
     rec = np.linspace(0, 1, 101)
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, curve in curves.items():

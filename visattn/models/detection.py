@@ -20,7 +20,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from .._checks import check_real
+from .._checks import MAX_IMAGE_SIDE, check_real
 from ..layers._base import MAX_BLOCK_ELEMENTS, check_float, check_int
 from ..registry import create_block, list_blocks
 from .backbone import build_body
@@ -160,17 +160,40 @@ def _detector_keywords(arch: str, detector_kwargs: object, kw: dict) -> dict:
         raise TypeError(f"{arch}: torchvision's {cls.__name__} takes no keyword argument(s) "
                         f"{', '.join(unknown)}{hint} (it takes: {', '.join(sorted(accepted))})")
     for key, value in merged.items():
-        if key in ("max_size", "size_divisible") or key.endswith(("detections_per_img", "_top_n_train",
-                                                                   "_top_n_test", "topk_candidates",
-                                                                   "_batch_size_per_image")):
+        if key == "max_size":
+            check_int(value, key, arch, high=MAX_IMAGE_SIDE)  # a larger one only fails in the allocator
+        elif key == "size_divisible" or key.endswith(("detections_per_img", "_top_n_train", "_top_n_test",
+                                                      "topk_candidates", "_batch_size_per_image")):
             check_int(value, key, arch)  # counts: a 0 or negative one would silently yield nothing
         elif key.endswith(("_thresh", "_fraction")):  # scores, IoUs and fractions live in [0, 1]
             check_real(f"{arch}: {key}", value, 0.0, 1.0)
     if "min_size" in merged:
         sizes = merged["min_size"]
         for v in (sizes if isinstance(sizes, (tuple, list)) and sizes else [sizes]):
-            check_int(v, "min_size", arch)
+            check_int(v, "min_size", arch, high=MAX_IMAGE_SIDE)
+    _check_size_order(arch, merged)
     return merged
+
+
+def _check_size_order(arch: str, merged: dict) -> None:
+    """Refuse ``max_size`` below (the largest) ``min_size``, given or torchvision's default: the
+    transform scales an image so its short side is ``min_size`` unless its long side would pass
+    ``max_size``, so a smaller ``max_size`` silently overrides ``min_size`` for every image."""
+    defaults = inspect.signature(_CLASSES[arch].__init__).parameters
+    found = {}
+    for key in ("min_size", "max_size"):
+        if key in merged:
+            found[key] = (merged[key], "")
+        elif key in defaults and defaults[key].default is not inspect.Parameter.empty:
+            found[key] = (defaults[key].default, ", torchvision's default")
+    if len(found) < 2:
+        return
+    (low, low_note), (high, high_note) = found["min_size"], found["max_size"]
+    low = max(low) if isinstance(low, (tuple, list)) else low
+    if high < low:
+        raise ValueError(f"{arch}: max_size ({high}{high_note}) must be >= min_size ({low}{low_note}): "
+                         "torchvision resizes an image's short side to min_size unless its long side would "
+                         "pass max_size, so a smaller max_size silently overrides min_size; give both")
 
 
 def _check_flag(value: object, name: str, optional: bool = False) -> None:
@@ -239,7 +262,11 @@ def build_detector(arch: str, *, backbone: str, num_classes: int, attention: str
             Each keyword is checked against the signatures of the torchvision class and of its
             ``GeneralizedRCNNTransform`` (which would otherwise swallow a typo): an unknown one is
             a ``TypeError`` naming it and the close matches; one given both ways, or one that
-            ``build_detector`` sets itself (``anchor_generator``), is an error too.
+            ``build_detector`` sets itself (``anchor_generator``), is an error too. ``min_size``
+            (an int, or a sequence of ints to pick from in training) and ``max_size`` must lie in
+            1..8192 (:data:`visattn._checks.MAX_IMAGE_SIDE`), and ``max_size`` must be at least the
+            largest ``min_size``, counting torchvision's defaults (800, 1333) for one not given:
+            a smaller one would silently override ``min_size``.
 
     Every argument is checked before the backbone is built; a bad one is a ``TypeError`` or
     ``ValueError`` naming it.
