@@ -1,9 +1,13 @@
 """LightningModule for torchvision-style detectors, evaluated with visattn.evaluation."""
 from __future__ import annotations
 
+import contextvars
 import copy
+import io
 import math
+import os
 import warnings
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -19,7 +23,18 @@ from .._checks import check_bool as _check_bool
 from .._checks import check_choice as _check_choice
 from .._checks import check_int as _check_int
 from ..predict import SlicingConfig, predict_images
-from .checkpoint import check_finite_state, check_state_dict_matches
+from .checkpoint import (
+    MODEL_RECORD,
+    VerifiedCheckpointIO,
+    _check_archive,
+    _is_local,
+    _is_plain,
+    build_model_from_spec,
+    check_finite_state,
+    check_state_dict_matches,
+    find_model_spec,
+    read_checkpoint,
+)
 
 __all__ = ["NAN_POLICIES", "CheckedModule", "DetectionModule", "WarmupCosineLR", "check_resume", "configure_optimizers",
            "gather_predictions"]
@@ -197,16 +212,43 @@ def check_resume(checkpoint: dict, param_groups: list[dict] | None, scheduler_st
                          "length), or start a new run")
 
 
+# The checkpoint ``load_from_checkpoint`` is loading (quoted), for the messages of the hooks it runs.
+_LOADING: contextvars.ContextVar[str | None] = contextvars.ContextVar("visattn_loading_checkpoint", default=None)
+
+
+def _cli_model_spec() -> dict | None:
+    """The model's ``{"class_path", "init_args"}`` when LightningCLI is instantiating this module
+    (it hands the module's configuration to ``save_hyperparameters`` through a context variable),
+    else None. ``save_hyperparameters(ignore=["model"])`` drops it; the checkpoint keeps it apart."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # another Lightning: checkpoints then rely on config.yaml beside them
+        return None
+    given = _given_hyperparameters.get()
+    spec = given.get("model") if isinstance(given, dict) else None
+    if isinstance(spec, dict) and isinstance(spec.get("class_path"), str) and _is_plain(spec):
+        return copy.deepcopy(spec)
+    return None
+
+
 class CheckedModule(L.LightningModule):
     """What :class:`DetectionModule` and :class:`SegmentationModule` share: optimisers from factories
-    and checked checkpoints.
+    and checked checkpoints. Every way a checkpoint comes in is verified the same way:
 
-    - loading (``--ckpt_path``, ``load_from_checkpoint``): the checkpoint's ``state_dict`` must have
-      the keys and shapes of the model being built (else ``ValueError`` naming the first mismatches);
+    - ``--ckpt_path`` of ``train.py`` (:class:`~visattn.lit.checkpoint.VerifiedCheckpointIO`), a plain
+      ``Trainer(...).fit/validate/test/predict(ckpt_path=...)`` (the file's zip CRCs are checked in
+      :meth:`on_load_checkpoint`, before any weight is applied) and :meth:`load_from_checkpoint`
+      (zip CRCs, ``weights_only=True``): a flipped byte or a truncated file is a ``ValueError``
+      naming the file and the damaged member;
+    - the ``state_dict`` must hold only finite values (else ``FloatingPointError`` naming the file
+      and the tensors) and have the keys and shapes of the model being built (else ``ValueError``
+      naming the file and the first mismatches);
     - resuming ``fit``: the optimiser's hyper-parameters, the scheduler's configuration and
       ``scheduler_interval`` must match the checkpoint's (see :func:`check_resume`);
       :class:`WarmupCosineLR` instead follows the new run's length;
-    - saving: a ``state_dict`` with NaN or inf is refused with ``FloatingPointError``.
+    - saving: a ``state_dict`` with NaN or inf is refused with ``FloatingPointError``. A module the
+      training CLI built records its model's ``class_path`` / ``init_args`` in each checkpoint, so
+      ``load_from_checkpoint(path)`` can rebuild the model without ``model=``.
 
     Subclasses set ``self.optimizer_factory`` and ``self.scheduler_factory`` and save
     ``scheduler_interval`` as a hyper-parameter.
@@ -214,6 +256,83 @@ class CheckedModule(L.LightningModule):
 
     _configured: tuple | None = None
     _resume_checkpoint: dict | None = None
+    _model_spec: dict | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._model_spec = _cli_model_spec()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict: bool | None = None,
+                             weights_only: bool | None = None, *, config: str | os.PathLike | None = None,
+                             **kwargs):
+        """Load a checkpoint, verified as ``train.py --ckpt_path`` verifies it, and rebuild the model
+        when ``model=`` is not given.
+
+        The file is read once and those bytes are checked (every zip member against its CRC, then
+        ``torch.load(weights_only=True)``, finite weights) before Lightning builds the module from
+        them; the keys and shapes are checked against the model being built.
+
+        Args:
+            checkpoint_path: a local ``.ckpt`` (``str`` / ``os.PathLike``) or a binary file object;
+                a URL is refused (download it, then load the file).
+            map_location, hparams_file, strict: as in Lightning.
+            weights_only: ``None`` / ``True`` (default): tensors and plain data only; ``False`` only
+                for a checkpoint you trust.
+            config: the training run's ``config.yaml`` to rebuild the model from (its
+                ``model.init_args.model``). Without it and without ``model=``, the model is rebuilt
+                from the checkpoint's own record (checkpoints this visattn's CLI writes), else from
+                the ``config.yaml`` LightningCLI wrote beside the checkpoint
+                (``lightning_logs/version_N/config.yaml``) if it is that run's config.
+            kwargs: hyper-parameters to override, and ``model=`` (the built ``nn.Module``).
+
+        Example:
+            >>> module = DetectionModule.load_from_checkpoint("runs/quickstart/lightning_logs/"
+            ...                                               "version_0/checkpoints/last.ckpt")  # doctest: +SKIP
+
+        Raises:
+            TypeError: ``checkpoint_path``, ``weights_only`` or ``config`` of the wrong type.
+            FileNotFoundError: the checkpoint or ``config`` does not exist.
+            ValueError: the file is corrupt, truncated or holds pickled code; its keys or shapes do
+                not match the model; a ``config.yaml`` found beside it is another run's; or the model
+                cannot be rebuilt (the message says to pass ``model=`` or ``config=``).
+            FloatingPointError: the checkpoint holds NaN or inf weights.
+        """
+        if weights_only is not None:
+            _check_bool("weights_only", weights_only)
+        if strict is not None:
+            _check_bool("strict", strict)
+        if config is not None:
+            if not isinstance(config, str | os.PathLike) or not os.fspath(config):
+                raise TypeError(f"config must be the path of a run's config.yaml, got {type(config).__name__} "
+                                f"{config!r:.60}")
+            if not Path(config).is_file():
+                raise FileNotFoundError(f"config {os.fspath(config)!r} does not exist or is not a file")
+        weights_only = True if weights_only is None else weights_only
+        data, checkpoint, source, path = read_checkpoint(checkpoint_path, weights_only=weights_only)
+        check_finite_state(checkpoint["state_dict"], f"checkpoint {source}", action="load")
+        spec = None
+        if kwargs.get("model") is None:
+            spec, origin, looked = find_model_spec(checkpoint, source, path, config)
+            if spec is None:
+                where = " or ".join(str(p) for p in looked) or "beside it"
+                raise ValueError(
+                    f"{cls.__name__}.load_from_checkpoint({source}): cannot rebuild the model: the checkpoint does "
+                    f"not record how it was built (plain Lightning or an earlier visattn wrote it) and there is no "
+                    f"config.yaml at {where}; pass model= (the built nn.Module, e.g. "
+                    "visattn.models.build_detector(...)) or config= (the training run's config.yaml, "
+                    "lightning_logs/version_N/config.yaml)")
+            kwargs["model"] = build_model_from_spec(spec, origin)
+        token = _LOADING.set(source)
+        try:
+            module = super().load_from_checkpoint(io.BytesIO(data), map_location=map_location,
+                                                  hparams_file=hparams_file, strict=strict,
+                                                  weights_only=weights_only, **kwargs)
+        finally:
+            _LOADING.reset(token)
+        if spec is not None:
+            module._model_spec = copy.deepcopy(spec)
+        return module
 
     def configure_optimizers(self):
         config = configure_optimizers(self, self.optimizer_factory, self.scheduler_factory,
@@ -227,10 +346,27 @@ class CheckedModule(L.LightningModule):
         return config
 
     def _ckpt_source(self) -> str:
+        loading = _LOADING.get()
+        if loading is not None:
+            return loading
         path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         return repr(str(path)) if path else "(being loaded)"
 
+    def _verify_trainer_file(self) -> None:
+        """A checkpoint a plain Trainer loaded (no :class:`VerifiedCheckpointIO`): check its file's zip
+        CRCs now, before its weights are applied (``torch.load`` does not check them)."""
+        trainer = self._trainer
+        if trainer is None or _LOADING.get() is not None:
+            return  # load_from_checkpoint verified the bytes it handed to Lightning
+        path = trainer.ckpt_path
+        if isinstance(getattr(trainer.strategy, "checkpoint_io", None), VerifiedCheckpointIO):
+            return
+        if path and _is_local(path) and Path(path).is_file():
+            _check_archive(Path(path))
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._verify_trainer_file()
+        check_finite_state(checkpoint.get("state_dict") or {}, f"checkpoint {self._ckpt_source()}", action="load")
         strategy = getattr(self._trainer, "strategy", None)
         if not getattr(strategy, "restore_checkpoint_after_setup", False):  # sharded strategies rename keys
             check_state_dict_matches(self.state_dict(), checkpoint.get("state_dict") or {}, self._ckpt_source())
@@ -238,6 +374,8 @@ class CheckedModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         check_finite_state(checkpoint.get("state_dict") or {}, f"a checkpoint at global step {self.global_step}")
+        if self._model_spec is not None:
+            checkpoint[MODEL_RECORD] = copy.deepcopy(self._model_spec)
 
     def on_train_start(self) -> None:
         checkpoint, self._resume_checkpoint = self._resume_checkpoint, None
