@@ -139,6 +139,19 @@ def test_publish_keeps_float32_for_overflowing_tensors_when_asked(run, tiny_stat
     assert model.state_dict()[LOGITS].dtype == torch.float32
 
 
+def test_cli_publish_fp16_overflow_option(run, tiny_state, capsys):
+    from visattn.cli import main as visattn_main
+
+    ckpt = run / "big.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in _with(tiny_state, FPN_BIAS, _fill(1e6)).items()}}, ckpt)
+    argv = ["weights", "publish", str(ckpt), "--name", NAME, "--config", str(run / "config.yaml"), "--report",
+            str(run / "report.json"), "--recipe-command", "pytest", "--seed", "0"]
+    assert visattn_main(argv) == 2  # refused by default, one line naming the tensor
+    assert FPN_BIAS in capsys.readouterr().err
+    assert visattn_main([*argv, "--fp16-overflow", "float32"]) == 0
+    assert weights.pretrained_info(NAME)["dtype"] == "float16+float32"
+
+
 def test_failed_republish_leaves_the_published_file_and_manifest_as_they_were(run, tiny_state, monkeypatch):
     _publish(run, tiny_state)
     manifest = run.parent / "weights" / "manifest.json"

@@ -184,6 +184,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
         return 1 if failed else 0
     entry = weights.publish(args.checkpoint, name=args.name, config=args.config, report=args.report,
                             command=args.recipe_command, seed=args.seed, fp16=not args.fp32,
+                            fp16_overflow=args.fp16_overflow,
                             metrics_set=args.metrics_set, eval_command=args.eval_command,
                             recipe_config=args.recipe_config, license=args.license, notes=args.notes)
     print(json.dumps({args.name: entry}, indent=1))
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--eval-command", help="the command that wrote --report (recorded per evaluation set)")
     w.add_argument("--recipe-config", help="the recipe's config file, e.g. configs/quickstart.yaml")
     w.add_argument("--fp32", action="store_true", help="keep float32 (default: fp16, half the size)")
+    w.add_argument("--fp16-overflow", choices=("raise", "float32"), default="raise",
+                   help="a tensor with values float16 cannot hold: refuse the publish (default) or keep that "
+                        "tensor in float32")
     w.add_argument("--license", default="Apache-2.0")
     w.add_argument("--notes", help="free text for the recipe (device, wall time, ...)")
     p.set_defaults(fn=_cmd_weights)
