@@ -1,14 +1,17 @@
 """Shared pieces of the token-attention blocks: head bookkeeping, 2-D sin-cos positions, and one
 attention function with a fused path (``scaled_dot_product_attention``: no L x S matrix kept) and
-a plain-math reference path that the tests compare it with."""
+a plain-math reference path that the tests compare it with; the plain math also serves a backward
+that builds a graph (double backward), which the fused kernels cannot differentiate."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from ._base import check_int
+from ._double_backward import twice_differentiable
 
 #: Bytes of gathered keys/values (or other per-query intermediates) per chunk in the sparse blocks
 #: (``routing``, ``quadtree``, ``deformable``): 16 MiB stay in the last-level cache between the
@@ -92,19 +95,45 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | 
     """``softmax(q k^T * scale + mask) v`` over the last two dims.
 
     ``mask`` is additive (float, ``-inf`` where not allowed) and broadcasts to ``(..., L, S)``.
-    ``reference=True`` computes it with the full matrix in plain operations (tests only)."""
+    ``reference=True`` computes it with the full matrix in plain operations (tests only).
+
+    Differentiable twice: the fused kernels' backward is not (a gradient penalty would fail in
+    them), so a backward that builds a graph (``create_graph=True``) differentiates the plain math
+    instead (:func:`~visattn.layers._double_backward.twice_differentiable`; the fused path's
+    result and first backward are unchanged). Under ``torch.func`` transforms with autograd on
+    (``grad``, ``vmap`` of ``grad``, ``hessian``), where that switch cannot be made, the plain math
+    runs."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if not reference:
-        # the fused (flash) CPU kernel needs unit stride in the last dim; otherwise SDPA silently
-        # falls back to the math path, which materialises the L x S matrix
-        # and equal q/k and v widths: zero-pad the narrower side (scores and outputs unchanged)
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        dk, dv = q.shape[-1], v.shape[-1]
-        if dk < dv:
-            q, k = F.pad(q, (0, dv - dk)), F.pad(k, (0, dv - dk))
-        elif dv < dk:
-            v = F.pad(v, (0, dk - dv))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :dv]
+    if reference:
+        return _attend_plain(q, k, v, mask, scale=scale)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return _attend_fused(q, k, v, mask, scale=scale)
+    if torch._C._are_functorch_transforms_active():
+        if torch.is_grad_enabled():
+            return _attend_plain(q, k, v, mask, scale=scale)
+        return _attend_fused(q, k, v, mask, scale=scale)
+    return twice_differentiable(partial(_attend_fused, scale=scale), partial(_attend_plain, scale=scale),
+                                q, k, v, mask)
+
+
+def _attend_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+                  scale: float) -> torch.Tensor:
+    """:func:`attend` by ``scaled_dot_product_attention`` (its fused kernels where they apply)."""
+    # the fused (flash) CPU kernel needs unit stride in the last dim; otherwise SDPA silently
+    # falls back to the math path, which materialises the L x S matrix
+    # and equal q/k and v widths: zero-pad the narrower side (scores and outputs unchanged)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    dk, dv = q.shape[-1], v.shape[-1]
+    if dk < dv:
+        q, k = F.pad(q, (0, dv - dk)), F.pad(k, (0, dv - dk))
+    elif dv < dk:
+        v = F.pad(v, (0, dk - dv))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :dv]
+
+
+def _attend_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+                  scale: float) -> torch.Tensor:
+    """:func:`attend` in plain operations (the full ``L x S`` matrix; differentiable at any order)."""
     s = (q @ k.transpose(-2, -1)) * scale
     if mask is not None:
         s = s + mask

@@ -48,6 +48,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree
+
+from ._double_backward import twice_differentiable
 
 __all__ = ["FUSED_BLOCKS", "PURE", "fused_enabled", "fused_forward", "pure_function", "set_fused"]
 
@@ -392,6 +395,26 @@ def _compiled(name: str) -> Callable:
     return torch.compile(PURE[name])
 
 
+def _run_compiled(name: str, x: torch.Tensor, args: tuple) -> torch.Tensor:
+    """The compiled pure function of ``name`` on ``(x, *args)``, differentiable twice: a compiled
+    backward cannot be differentiated (``torch.compile`` refuses double backward), so a backward
+    that builds a graph (a gradient penalty) differentiates the uncompiled pure function instead
+    (:func:`~visattn.layers._double_backward.twice_differentiable`, whose recomputations get copies
+    of BatchNorm's running statistics: they are updated once, by the forward)."""
+    leaves, spec = _pytree.tree_flatten((x, args))
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+
+    def call(fn: Callable, tensors: tuple) -> torch.Tensor:
+        filled = list(leaves)
+        for i, t in zip(where, tensors):
+            filled[i] = t
+        x_, args_ = _pytree.tree_unflatten(filled, spec)
+        return fn(x_, *args_)
+
+    return twice_differentiable(lambda *ts: call(_compiled(name), ts), lambda *ts: call(PURE[name], ts),
+                                *(leaves[i] for i in where))
+
+
 def fused_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``block(x)`` by a fused kernel when one applies (see the module docstring), else ``None``:
     then the caller runs the plain path. The result has ``x``'s dtype."""
@@ -404,7 +427,7 @@ def fused_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     name, _, args, after = found
     try:
-        y = _compiled(name)(x, *args)
+        y = _run_compiled(name, x, args)
     except _OOM:
         raise
     except Exception as e:  # noqa: BLE001 - any compile failure: the plain path, never a wrong answer

@@ -47,9 +47,16 @@ _COMPILED_STEPS = (14, 18)
 
 def _threshold(x: torch.Tensor, alpha: torch.Tensor,
                max_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The threshold ``tau`` with ``sum_i [(alpha - 1) x_i - tau]_+ ^ (1 / (alpha - 1)) = 1`` over the
-    last dim, that sum at the returned ``tau`` and the unnormalised weights
-    ``[(alpha - 1) x - tau]_+ ^ (1 / (alpha - 1))`` at it (so ``weights / sum`` is the entmax).
+    """The threshold ``tau`` with ``sum_i [(alpha - 1) (x_i - max x) - tau]_+ ^ (1 / (alpha - 1)) = 1``
+    over the last dim, that sum at the returned ``tau`` and the unnormalised weights
+    ``[(alpha - 1) (x - max x) - tau]_+ ^ (1 / (alpha - 1))`` at it (so ``weights / sum`` is the
+    entmax; :func:`_probs` recomputes them from ``tau``).
+
+    The scores are shifted by their row's max first (entmax does not change when a constant is
+    added to a row; ``tau`` moves with it), so the largest shifted score is exactly 0 and
+    ``tau`` lies in ``[-1, 0)`` whatever the scores' magnitude. Unshifted, scores of 10^8 (an input
+    scaled by 10^4) leave no float32 resolution for ``tau``'s offset of 1 from the max: the
+    largest term rounded to 0, the sum to 0, and the Newton step to 0 / 0 = NaN.
 
     Newton's method on ``phi(tau) = ||[(alpha - 1) x - tau]_+||_e - 1`` with ``e = 1 / (alpha - 1)``:
     ``phi`` is convex and decreasing in ``tau`` (a p-norm, p >= 1, of non-negative convex functions),
@@ -61,21 +68,23 @@ def _threshold(x: torch.Tensor, alpha: torch.Tensor,
     ``n (mean - tau)^e``). One pass per step: ``y^e`` gives the sum, ``y^e / y`` the derivative. This
     replaces the ~25 bisection steps of the authors' ``entmax_bisect`` (Peters et al. 2019) by 3-7
     passes."""
-    am1 = alpha - 1  # > 0: the scaled scores' max and mean are the scaled max and mean
+    am1 = alpha - 1  # > 0
     n = x.shape[-1]
-    lo = torch.maximum(x.amax(-1, keepdim=True) * am1 - 1,
-                       x.mean(-1, keepdim=True) * am1 - n ** (-am1))  # (..., 1)
+    top = x.amax(-1, keepdim=True)  # (..., 1)
+    xs = (x - top) * am1  # (..., n) as _shifted: max 0
+    top = top * am1  # the shift of tau
+    lo = torch.clamp_min(xs.mean(-1, keepdim=True) - n ** (-am1), -1)  # (..., 1)
     expo = 1 / am1
     shrink = 2 - alpha  # f^(1 - 1/e)
     tiny, tol = torch.finfo(x.dtype).tiny, 8 * torch.finfo(x.dtype).eps
-    # (..., n) two buffers reused by every step (the scaled scores are recomputed: a cheap pass);
-    # none under torch.func, whose vmap has no batching rule for out= (relu_ and clamp_min_ have one)
+    # (..., n) two buffers reused by every step; none under torch.func, whose vmap has no batching
+    # rule for out= (relu_ and clamp_min_ have one)
     fixed = _fixed_steps()
     buf_y = buf_w = None
     if not torch._C._are_functorch_transforms_active():
         buf_y, buf_w = torch.empty_like(x), torch.empty_like(x)
     for i in range(max_steps):
-        y = torch.mul(x, am1, out=buf_y).sub_(lo).relu_()
+        y = torch.sub(xs, lo, out=buf_y).relu_()
         w = torch.pow(y, expo, out=buf_w)  # y^e
         total = w.sum(-1, keepdim=True)
         if i == max_steps - 1:
@@ -83,15 +92,22 @@ def _threshold(x: torch.Tensor, alpha: torch.Tensor,
         # y^(e-1) on the support, 0 off it (not pow(y, e - 1): 0^0 = 1 at alpha = 2)
         slope = torch.div(w, y.clamp_min_(tiny), out=buf_y).sum(-1, keepdim=True)  # -phi' / f^(1/e-1)
         step = (total - total.pow(shrink)) / slope  # -phi / phi'
-        if not fixed and bool((step.abs() <= tol * (1 + lo.abs())).all()):
+        # rounding of the threshold in the scores' own scale (that of the unshifted tau)
+        if not fixed and bool((step.abs() <= tol * (1 + (lo + top).abs())).all()):
             break
         lo = lo + step
     return lo, total, w
 
 
+def _shifted(x: torch.Tensor, am1: torch.Tensor) -> torch.Tensor:
+    """``(alpha - 1) (x - max x)`` over the last dim: at most 0, and exactly 0 at the max."""
+    return (x - x.amax(-1, keepdim=True)) * am1
+
+
 def _probs(x: torch.Tensor, alpha: torch.Tensor, tau: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """``[(alpha - 1) x - tau]_+ ^ (1 / (alpha - 1))`` normalised to sum to one."""
-    y = (x * (alpha - 1) - tau).relu_()
+    """``[(alpha - 1) (x - max x) - tau]_+ ^ (1 / (alpha - 1))`` normalised to sum to one (``tau``
+    and ``total`` from :func:`_threshold`). In place on temporaries: not for a graph."""
+    y = _shifted(x, alpha - 1).sub_(tau).relu_()
     if torch._C._are_functorch_transforms_active():  # vmap has no batching rule for pow_
         return y.pow(1 / (alpha - 1)).div_(total)
     return y.pow_(1 / (alpha - 1)).div_(total)
@@ -149,7 +165,10 @@ def entmax_bisect(x: torch.Tensor, alpha: torch.Tensor | float = 1.5) -> torch.T
     ``alpha`` in ``(1, 2]`` (a float or a tensor broadcastable to ``x[..., :1]``, e.g. one per head):
     2 is sparsemax, 1.5 the paper's default, and the map tends to softmax as alpha tends to 1
     (use ``alpha >= 1.01``). Differentiable in ``x`` and in a tensor ``alpha`` (closed-form
-    gradients, not autograd through the iterations)."""
+    gradients, not autograd through the iterations), twice too (the gradient is written in
+    differentiable operations: gradient penalties work). Any magnitude of ``x``: the threshold is
+    found on scores shifted by their max, so scores of 1e8 in float32 give the (near one-hot)
+    entmax, not NaN."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"entmax_bisect expects a floating-point tensor, got {type(x).__name__}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, torch.Tensor)):
@@ -168,8 +187,9 @@ def _query_step(q: torch.Tensor, k: torch.Tensor) -> int:
 
 class _EntmaxAttention(torch.autograd.Function):
     """``entmax_alpha(q k^T) v`` per head, over chunks of queries; the backward recomputes each
-    chunk's probabilities from the saved thresholds (no L x S matrix is kept for it). Returns the
-    output and the thresholds and sums it saves (no gradient)."""
+    chunk's probabilities from the saved thresholds (no L x S matrix is kept for it), or, when it
+    builds a graph (double backward), by :class:`_EntmaxBisect` in differentiable operations.
+    Returns the output and the thresholds and sums it saves (no gradient)."""
 
     generate_vmap_rule = True  # forward and backward are batchable: vmap and torch.func work
 
@@ -200,18 +220,28 @@ class _EntmaxAttention(torch.autograd.Function):
         q, k, v, alpha, tau, total = ctx.saved_tensors
         step = _query_step(q, k)
         need_alpha = ctx.needs_input_grad[3]
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # A backward that builds a graph (create_graph=True: a gradient penalty; torch.func.grad)
+        # recomputes the weights by _EntmaxBisect, whose output carries the dependence of the
+        # threshold on the scores (the saved tau would hold it constant) and whose backward is in
+        # differentiable operations; every step here is out of place. Otherwise the weights come
+        # from the saved thresholds, in place.
+        graph = torch.is_grad_enabled()
+        dqs, dk, dv = [], torch.zeros_like(k), torch.zeros_like(v)
         d_alpha = torch.zeros_like(alpha)
         for start in range(0, q.shape[2], step):
             rows = slice(start, start + step)
             x = q[:, :, rows] @ k.transpose(-2, -1)  # (B, heads, l, S)
-            p = _probs(x, alpha, tau[:, :, rows], total[:, :, rows])
+            if graph:
+                p = _EntmaxBisect.apply(x, alpha)
+            else:
+                p = _probs(x, alpha, tau[:, :, rows], total[:, :, rows])
             dv = dv + p.transpose(-2, -1) @ dout[:, :, rows]
             dx, da = _backward(p, dout[:, :, rows] @ v.transpose(-2, -1), alpha, need_alpha)
-            dq[:, :, rows] = dx @ k
+            dqs.append(dx @ k)
             dk = dk + dx.transpose(-2, -1) @ q[:, :, rows]
             if da is not None:
                 d_alpha = d_alpha + da.sum((0, 2), keepdim=True)
+        dq = dqs[0] if len(dqs) == 1 else torch.cat(dqs, 2)
         return dq, dk, dv, d_alpha if need_alpha else None
 
 
@@ -232,7 +262,8 @@ class AdaptiveSparseAttention(AttentionBlock):
     bisection in 3-7 passes over the scores instead of 25); the backward uses the closed-form
     entmax gradients for the scores and for alpha (not autograd through the iterations),
     recomputing each chunk of queries' weights from the saved thresholds, so memory stays O(P)
-    beyond one chunk. Time is O(P^2 d) plus a few passes over the scores:
+    beyond one chunk. A backward that builds a graph (``create_graph=True``, a gradient penalty)
+    recomputes the weights differentiably instead, so the block is differentiable twice. Time is O(P^2 d) plus a few passes over the scores:
     a dense-cost block, for small maps. Queries and keys get the 2-D sin-cos positions as in
     ``mhsa``.
 
