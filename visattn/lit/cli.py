@@ -13,21 +13,51 @@ Additions to plain LightningCLI:
   is given its own ``CheckpointIO``): ``--ckpt_path`` is verified (zip CRCs, truncation) and loaded
   with ``weights_only=True``; every checkpoint is written to a temporary name and renamed, and one
   with NaN / inf weights is refused.
+
+Errors on the command line (:func:`cli_main`, what ``python train.py`` runs): a *user error* prints
+one line, ``train.py: error: <what is wrong>``, on stderr and exits with status 2, as a bad option
+does; ``--debug`` (anywhere on the command line) or ``VISATTN_DEBUG=1`` shows the full traceback
+instead. User errors are
+
+- what the argument parser refuses: an unknown option, a value of the wrong type, a missing
+  ``--config`` file, an unknown ``class_path``;
+- a ``ValueError``, ``TypeError``, ``OSError`` or Lightning ``MisconfigurationException`` while the
+  configured objects (model, data, trainer) are built: the arguments were checked and refused
+  (a bad batch size, an unknown block);
+- while the subcommand runs: a missing or unreadable path (``FileNotFoundError``,
+  ``NotADirectoryError``, ``IsADirectoryError``, ``PermissionError``), a
+  ``MisconfigurationException``, and a ``ValueError`` / ``TypeError`` / ``OSError`` that visattn's
+  own checks raise (a ``raise`` statement in the ``visattn`` package): a refused resume, a corrupt
+  or mismatched checkpoint, ``num_classes`` against the data, a malformed dataset; likewise the
+  checks of ``torch.optim`` (the configured optimizer and scheduler are built when the run starts:
+  ``lr=-1``).
+
+A run stopped by the NaN guard (a ``FloatingPointError`` visattn raises) prints its one line too
+and exits with status 1. Anything else (an exception from inside a library during the run, an
+implicit ``TypeError`` from a bug) is a bug to report: it keeps its traceback. The message is the
+first one in the exception's chain raised outside the argument parser (``jsonargparse`` wraps an
+error from a class's ``__init__`` in its own), on one line. :func:`main`, for Python callers and
+tests, raises as LightningCLI does.
 """
 from __future__ import annotations
 
+import argparse
+import linecache
+import os
 import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from .checkpoint import VerifiedCheckpointIO, verify_checkpoint
 
-__all__ = ["VisattnCLI", "main"]
+__all__ = ["VisattnCLI", "cli_main", "main"]
 
 
 def _is_local_file_path(path) -> bool:
@@ -137,6 +167,9 @@ class VisattnCLI(LightningCLI):
         print("\n" + md.read_text())
         print(f"report written to {out}")
 
+    def after_instantiate_classes(self) -> None:
+        _phase["configured"] = True  # from here on the subcommand runs (see cli_main)
+
     def after_fit(self) -> None:
         self._report()
 
@@ -147,11 +180,120 @@ class VisattnCLI(LightningCLI):
         self._report()
 
 
-def main(args: list[str] | None = None) -> VisattnCLI:
-    """Run the training CLI (``args`` as on the command line; ``None`` reads ``sys.argv``)."""
+def main(args: list[str] | None = None, *, parser_kwargs: dict | None = None) -> VisattnCLI:
+    """Run the training CLI (``args`` as on the command line; ``None`` reads ``sys.argv``). Errors
+    are raised (a bad option exits with status 2 after printing the usage, as LightningCLI does);
+    :func:`cli_main` turns user errors into one line."""
     return VisattnCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                      auto_configure_optimizers=False, args=args, save_config_kwargs={"overwrite": True})
+                      auto_configure_optimizers=False, args=args, save_config_kwargs={"overwrite": True},
+                      parser_kwargs=parser_kwargs)
+
+
+# -- the command line: one line per user error (see the module docstring) ----------------------
+_phase = {"configured": False}  # set once the configured objects are built: the run has begun
+# where a ``raise`` statement is an argument check: visattn's own, and the configured optimizer's and
+# scheduler's (torch.optim checks their arguments when the run builds them: ``lr=-1``)
+_CHECKED = (str(Path(__file__).resolve().parents[1]), str(Path(torch.optim.__file__).resolve().parent))
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# lines of jsonargparse's messages that say nothing about what is wrong
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
+          "Given value:", "Expected a <class 'NoneType'>", "Expected a path but")
+
+
+def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether ``--debug`` or ``VISATTN_DEBUG`` asks for tracebacks, and ``argv`` without ``--debug``."""
+    rest = [a for a in argv if a != "--debug"]
+    return len(rest) < len(argv) or os.environ.get("VISATTN_DEBUG", "") not in ("", "0"), rest
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, outermost first."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return seen
+
+
+def _raise_site(exc: BaseException) -> tuple[str, int] | None:
+    """``(file, line)`` of the frame that raised ``exc``, or ``None``."""
+    tb = exc.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename, tb.tb_lineno
+
+
+def _from_parser(exc: BaseException) -> bool:
+    site = _raise_site(exc)
+    return site is not None and f"{os.sep}jsonargparse{os.sep}" in site[0]
+
+
+def _raised_by_a_check(exc: BaseException) -> bool:
+    """Whether a ``raise`` statement in visattn (or in ``torch.optim``) raised ``exc``: one of their
+    argument checks, not an operation failing in a bug."""
+    site = _raise_site(exc)
+    if site is None or not str(Path(site[0]).resolve()).startswith(tuple(p + os.sep for p in _CHECKED)):
+        return False
+    return linecache.getline(*site).lstrip().startswith("raise")
+
+
+def _one_line(text: str, *, parser: bool = False) -> str:
+    """``text`` on one line; from the parser (``parser=True``), without its bullets and the lines
+    that only repeat types and values."""
+    lines = [line.strip() for line in text.splitlines()]
+    if parser:
+        lines = [line.removeprefix("- ") for line in lines]
+        lines = [line for line in lines if not line.startswith(_NOISE)]
+    return " ".join(line for line in lines if line)
+
+
+def user_error(exc: BaseException, *, configured: bool) -> tuple[str, int] | None:
+    """``(message, exit status)`` if ``exc`` is a user error (status 2) or a run the NaN guard stopped
+    (status 1), ``None`` for a bug (see the module docstring). ``configured``: whether the
+    configured objects had been built (the subcommand was running)."""
+    chain = _chain(exc)
+    if isinstance(exc, argparse.ArgumentError):
+        reported = exc
+    else:  # the first error raised outside the parser: ours, not jsonargparse's wrapping of it
+        reported = next((e for e in chain if not _from_parser(e)), exc)
+    from_parser = reported is exc and _from_parser(exc)  # the parser refused an argument
+    message = _one_line(str(reported), parser=from_parser) or type(reported).__name__
+    if from_parser:
+        return message, 2
+    if isinstance(reported, (MisconfigurationException, *_PATH_ERRORS)):
+        return message, 2
+    if isinstance(reported, (ValueError, TypeError, OSError)) and (not configured or _raised_by_a_check(reported)):
+        return message, 2
+    if isinstance(reported, FloatingPointError) and _raised_by_a_check(reported):
+        return message, 1
+    return None
+
+
+def cli_main(args: list[str] | None = None, *, prog: str = "train.py") -> VisattnCLI:
+    """The command line (``python train.py``): :func:`main`, with each user error printed as one line
+    ``<prog>: error: <message>`` on stderr and ``SystemExit(2)`` (1 for a run the NaN guard stopped);
+    ``--debug`` or ``VISATTN_DEBUG=1``: the traceback instead. ``args`` as on the command line
+    (``None``: ``sys.argv``)."""
+    if args is None:  # LightningCLI reads sys.argv itself (and so do DDP's re-launched processes)
+        debug, sys.argv[1:] = _debug_requested(sys.argv[1:])
+    else:
+        debug, args = _debug_requested(list(args))
+    if debug:
+        os.environ["VISATTN_DEBUG"] = "1"  # processes launched by DDP see it too
+        return main(args)
+    _phase["configured"] = False
+    try:  # the parser raises instead of printing its usage: one line below
+        return main(args, parser_kwargs={"exit_on_error": False})
+    except Exception as e:  # classified below; anything else is re-raised unchanged
+        found = user_error(e, configured=_phase["configured"])
+        if found is None:
+            raise
+        message, status = found
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(status) from None
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli_main(sys.argv[1:])
