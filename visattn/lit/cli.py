@@ -77,6 +77,21 @@ def _with_checkpoint_io(plugins, strategy, preloaded: tuple | None = None) -> li
     return [*plugins, VerifiedCheckpointIO(preloaded=preloaded)]
 
 
+
+def _builder_defaults(class_path: str) -> dict:
+    """The keyword defaults of the model builder ``class_path`` (``visattn.models.build_detector``),
+    or ``{}`` when it cannot be imported."""
+    import importlib
+    import inspect
+
+    module, _, attr = class_path.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+        params = inspect.signature(fn).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
 class VisattnCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -132,14 +147,16 @@ class VisattnCLI(LightningCLI):
         if builder != entry["config"]["builder"]:
             raise ValueError(f"--weights {name}: published for {entry['config']['builder']}, but the config "
                              f"builds the model with {builder}")
+        # a keyword one side leaves out means the builder's default there (an entry published before
+        # a keyword existed, e.g. attention_gate, was built with its default)
+        defaults = _builder_defaults(str(spec["class_path"]))
         keys = sorted(set(configured) | set(published) - {"pretrained_backbone"})
-        differ = [k for k in keys if k != "pretrained_backbone" and configured.get(k) != published.get(k)]
+        have = {k: (configured.get(k, defaults.get(k)), published.get(k, defaults.get(k))) for k in keys}
+        differ = [k for k in keys if k != "pretrained_backbone" and have[k][0] != have[k][1]]
         if differ:
-            detail = "; ".join(f"{k}: config {configured.get(k)!r}, published {published.get(k)!r}" for k in differ)
+            detail = "; ".join(f"{k}: config {have[k][0]!r}, published {have[k][1]!r}" for k in differ)
             raise ValueError(f"--weights {name}: the configured model differs from the published one ({detail})")
-        from safetensors.torch import load_file
-
-        state = load_file(str(weights.weight_file(name)))
+        state = weights.pretrained_state_dict(name)  # every check of `visattn weights verify`
         inner = getattr(self.model, "model", self.model)
         inner.load_state_dict(state, strict=True)
 
