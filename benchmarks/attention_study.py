@@ -88,9 +88,9 @@ FDR = 0.05
 #: The recipe's goals (issue 25): the baseline reaches this AP, and its last evaluation gains less
 #: than this over the one before (a flat curve).
 GOAL_AP, GOAL_FLAT = 0.20, 0.015
-#: The full grid on one GPU (benchmarks/study_gpu.sh): the quickstart's data and model, 3 seeds,
-#: twice the quickstart's schedule (its val/AP still rose at epoch 6; the curve every 3 epochs shows
-#: whether 12 reach the plateau), several runs side by side.
+#: The full grid on one GPU (benchmarks/study_gpu.sh): the CPU recipe's data and model, 3 seeds,
+#: twice its schedule (the curve every 3 epochs shows where the plateau is), several runs side by
+#: side.
 GPU_ARGS = ("--accelerator", "gpu", "--seeds", "3", "--max-epochs", "12", "--val-every", "3", "--parallel", "8",
             "--threads", "2")
 
@@ -229,8 +229,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.config = str(ROOT / DEFAULT_CONFIG)  # run from another folder
     if not Path(a.config).is_file():
         raise ValueError(f"--config: no such file {a.config!r}")
-    for opt in ("work_dir", "out_dir"):
-        if not str(getattr(a, opt)).strip():
+    for opt in ("work_dir", "out_dir", "archive_dir"):
+        if getattr(a, opt) is not None and not str(getattr(a, opt)).strip():
             raise ValueError(f"--{opt.replace('_', '-')} must be a directory path, got an empty string")
     if a.threads is None:
         a.threads = max(1, (os.cpu_count() or 1) // a.parallel)
@@ -334,8 +334,11 @@ def settings_key(base: dict) -> str:
 
 #: What decides how a run trains besides its config: the package's sources and train.py.
 CODE_PATHS = ("visattn", "train.py")
-#: ... and the libraries that train (CPU training is not reproducible across torch versions).
-TRAINING_LIBRARIES = ("torch", "torchvision", "timm", "lightning", "numpy")
+#: ... and the libraries that train (CPU training is not reproducible across torch versions), and
+#: those that make the data: Pillow draws the synthetic images, pycocotools their masks and areas,
+#: albumentations (on albucore and OpenCV) augments them.
+TRAINING_LIBRARIES = ("torch", "torchvision", "timm", "lightning", "numpy", "pillow", "pycocotools",
+                      "albumentations", "albucore", "opencv-python-headless")
 
 
 def code_state(root: Path = ROOT) -> dict:
@@ -482,7 +485,12 @@ def forward_flops(model, size: int) -> int:
 
 
 def train_one(run_dir: Path, threads: int) -> None:
-    """Train the run in ``run_dir`` (its ``study-config.yaml``) and write its outputs, ``result.json`` last."""
+    """Train the run in ``run_dir`` (its ``study-config.yaml``) and write its outputs, ``result.json`` last.
+
+    The code state and commit recorded are those the run started with; when the code state differs
+    at the end (sources edited, a library upgraded while it trained) the run is refused (left
+    unfinished, redone by the next invocation): part of it may have run the new code."""
+    state, commit = code_state(), git_commit()
     import torch
 
     from visattn.lit.cli import VisattnCLI
@@ -497,6 +505,10 @@ def train_one(run_dir: Path, threads: int) -> None:
     cli = VisattnCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                      auto_configure_optimizers=False, args=["fit", "--config", str(run_dir / RUN_CONFIG)],
                      save_config_kwargs={"overwrite": True}, trainer_defaults={"callbacks": [collector]})
+    if code_state() != state:
+        raise RuntimeError(f"{run_dir}: the code state changed while the run trained (visattn, train.py or a "
+                           f"training library; it started at {state['code_state']}): the run is not kept; train "
+                           "it again at one code state (a git worktree keeps a grid's code fixed)")
     if not collector.predictions and cli.model.last_eval is None:
         raise RuntimeError(f"{run_dir}: the run ended without a validation pass")
     atomic_write_json(run_dir / "predictions.json", collector.predictions)
@@ -510,7 +522,7 @@ def train_one(run_dir: Path, threads: int) -> None:
     size = (_model_args(yaml_load(run_dir / RUN_CONFIG)).get("detector_kwargs") or {}).get("min_size", 800)
     gates = gate_values(model)
     result = {
-        **code_state(), "git_commit": git_commit(), "settings": run_dir.parent.name,
+        **state, "git_commit": commit, "settings": run_dir.parent.name,
         "params": sum(p.numel() for p in model.parameters()),
         "flops": forward_flops(model, int(size)), "flops_image_size": int(size),
         "gate_values": gates, "gate_mean": sum(gates.values()) / len(gates) if gates else None,
@@ -598,41 +610,79 @@ def _gz_bytes(data: bytes) -> bytes:
 
 def archive_run(run_dir: Path, dest: Path) -> None:
     """Keep a finished run in the results folder: :data:`ARCHIVED` as they are and the predictions
-    as ``predictions.json.gz``; ``result.json`` is written last (a folder without it is unfinished)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ARCHIVED:
-        if name != RESULT and (run_dir / name).is_file():
-            target = dest / name.replace("/", "-")
-            atomic_write_text(target, (run_dir / name).read_text())
-    with atomic_path(dest / "predictions.json.gz") as tmp:
-        Path(tmp).write_bytes(_gz_bytes((run_dir / "predictions.json").read_bytes()))
-    atomic_write_text(dest / RESULT, (run_dir / RESULT).read_text())
+    as ``predictions.json.gz``, ``result.json`` last (a folder without it is unfinished). The copy
+    is written whole beside ``dest`` and then swapped in: an earlier copy is replaced entirely (no
+    file of it left), and a failure leaves it as it was."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    try:
+        tmp.mkdir()
+        for name in ARCHIVED:
+            if name != RESULT and (run_dir / name).is_file():
+                (tmp / name.replace("/", "-")).write_bytes((run_dir / name).read_bytes())
+        (tmp / "predictions.json.gz").write_bytes(_gz_bytes((run_dir / "predictions.json").read_bytes()))
+        (tmp / RESULT).write_bytes((run_dir / RESULT).read_bytes())
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+    finally:
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
 
 
 def archive_study(dest: Path, base: dict, gt: str, argv: list[str]) -> None:
     """Keep what the table needs besides the runs: the validation ground truth (compressed) and the
     base config and command of the grid (``study.json``)."""
+    key = settings_key(base)
+    kept = _archived_run_dirs(dest)
+    try:
+        previous = json.loads((dest / "study.json").read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    other = []
+    for run in kept:
+        try:
+            settings = json.loads((run / RESULT).read_text()).get("settings") or previous
+        except (OSError, ValueError, AttributeError):
+            settings = previous
+        if settings is not None and settings != key:
+            other.append(f"{run.name} (settings {settings})")
+    if other:
+        raise ValueError(f"--archive-dir {dest} keeps runs of other settings than this grid's ({key}): "
+                         f"{', '.join(other)}; one archive holds one table: give another --archive-dir, or "
+                         "remove those runs first (git rm -r them)")
     dest.mkdir(parents=True, exist_ok=True)
     data = Path(gt).read_bytes()
     if not (dest / ARCHIVE_GT).is_file() or _gunzip(dest / ARCHIVE_GT) != data:
         with atomic_path(dest / ARCHIVE_GT) as tmp:
             Path(tmp).write_bytes(_gz_bytes(data))
-    meta = {"settings": settings_key(base), "base_config": base,
+    meta = {"settings": key, "base_config": base,
             "command": "python benchmarks/attention_study.py " + shlex.join(_public_argv(argv))}
     atomic_write_json(dest / "study.json", meta, indent=1)
 
 
 def _public_argv(argv: list[str]) -> list[str]:
     """The grid's command line without the options that only say where files go on this machine."""
+    local = ("--work-dir", "--out-dir", "--archive-dir", "--time-budget")
+    options = [o for action in build_parser()._actions for o in action.option_strings if o.startswith("--")]
+
+    def full(name: str) -> str:  # argparse accepts an unambiguous prefix (--work for --work-dir)
+        hits = [o for o in options if o.startswith(name)] if name.startswith("--") else []
+        return name if name in options or len(hits) != 1 else hits[0]
+
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
             continue
-        if a in ("--work-dir", "--out-dir", "--archive-dir", "--time-budget"):
-            skip = True
-            continue
-        if a.split("=", 1)[0] in ("--work-dir", "--out-dir", "--archive-dir", "--time-budget"):
+        name, eq, _ = a.partition("=")
+        if full(name) in local:
+            skip = not eq
             continue
         out.append(a)
     return out
@@ -644,30 +694,113 @@ def _gunzip(path: Path) -> bytes:
     return gzip.decompress(path.read_bytes())
 
 
-def read_archive(dest: Path) -> tuple[dict, dict, dict[tuple[str, int], dict], dict[tuple[str, int], list]]:
-    """``(study meta, ground truth, {(variant, seed): result}, {(variant, seed): predictions})`` of
-    every archived run whose files match the sha256 its ``result.json`` recorded; a run folder that
-    does not verify is a ``ValueError`` naming it (a committed table must not rest on edited files)."""
-    if not (dest / "study.json").is_file():
-        raise ValueError(f"no archived study in {dest} (study.json missing); run the grid first")
-    meta = json.loads((dest / "study.json").read_text())
-    gt = json.loads(_gunzip(dest / ARCHIVE_GT))
-    results, preds = {}, {}
-    for run in sorted(p for p in dest.iterdir() if p.is_dir() and (p / RESULT).is_file()):
-        variant, _, seed = run.name.rpartition("-seed")
-        if not variant or not seed.isdigit():
-            continue
+def _archived_run_dirs(dest: Path) -> list[Path]:
+    """The run folders (``<variant>-seed<k>`` with a ``result.json``) of an archive, sorted."""
+    if not dest.is_dir():
+        return []
+    out = []
+    for p in sorted(dest.iterdir()):
+        variant, _, seed = p.name.rpartition("-seed")
+        if p.is_dir() and not p.name.startswith(".") and variant and seed.isdigit() and (p / RESULT).is_file():
+            out.append(p)
+    return out
+
+
+#: The model arguments that say which variant a run is (the rest is the base config's).
+_VARIANT_KEYS = ("attention", "attention_gate", "attention_stages", "attention_kwargs", "neck_attention")
+
+
+def _identity_problem(run: Path, config: dict, result: dict, settings: str | None) -> str | None:
+    """Why the archived ``run`` is not the run its folder names (another seed, variant or settings), or None."""
+    variant, _, seed = run.name.rpartition("-seed")
+    if result.get("settings") is not None and settings is not None and result["settings"] != settings:
+        return f"trained with settings {result['settings']}, but the archive's study.json is of settings {settings}"
+    if config.get("seed_everything") != int(seed):
+        return f"its {RUN_CONFIG} has seed_everything {config.get('seed_everything')!r}, not {int(seed)}"
+    root = (config.get("trainer") or {}).get("default_root_dir")
+    if root is not None:
+        where = Path(str(root))
+        if where.name != run.name or (settings is not None and where.parent.name != settings):
+            return f"its {RUN_CONFIG} is of the run {where.parent.name}/{where.name}"
+    known = candidate_variants()
+    if variant in known:
+        want = known[variant][1]
+        model = _model_args(config)
+        for k in (*_VARIANT_KEYS, *want):
+            if k == "attention_stages" and want.get(k) == "last":
+                continue
+            if model.get(k) != want.get(k):
+                return f"its {RUN_CONFIG} has {k}={model.get(k)!r}, but {variant} has {k}={want.get(k)!r}"
+    return None
+
+
+def _read_archived_run(run: Path, settings: str | None) -> tuple[dict, bytes]:
+    """``(result, predictions json bytes)`` of one archived run folder, every file checked against
+    the sha256 its ``result.json`` recorded; else a ``ValueError`` naming the folder."""
+    try:
         result = json.loads((run / RESULT).read_text())
+        recorded = result["sha256"]
         raw = _gunzip(run / "predictions.json.gz")
         checks = {"predictions.json": raw, RUN_CONFIG: (run / RUN_CONFIG).read_bytes(),
                   "report/report.json": (run / "report-report.json").read_bytes()}
-        for name, data in checks.items():
-            if hashlib.sha256(data).hexdigest() != result["sha256"][name]:
-                raise ValueError(f"{run}: {name} does not match the sha256 in its {RESULT}; the archived run "
-                                 "was edited or damaged (retrain it, or restore it from git)")
+        mismatch = [name for name, data in checks.items() if hashlib.sha256(data).hexdigest() != recorded[name]]
+        import yaml
+
+        config = yaml.safe_load(checks[RUN_CONFIG])
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{run}: cannot read the archived run ({type(e).__name__}: {e}); retrain it, or restore "
+                         "it from git") from None
+    if mismatch:
+        raise ValueError(f"{run}: {mismatch[0]} does not match the sha256 in its {RESULT}; the archived run was "
+                         "edited or damaged (retrain it, or restore it from git)")
+    try:
+        problem = _identity_problem(run, config, result, settings)
+    except (ValueError, TypeError, AttributeError) as e:
+        problem = f"its {RUN_CONFIG} cannot be read as a run's config ({e})"
+    if problem is not None:
+        raise ValueError(f"{run}: not the run its folder names: {problem} (a run of another grid, or copied by "
+                         "hand; remove it, or retrain it)")
+    return result, raw
+
+
+def read_archive(dest: Path) -> tuple[dict, dict, dict[tuple[str, int], dict], dict[tuple[str, int], list]]:
+    """``(study meta, ground truth, {(variant, seed): result}, {(variant, seed): predictions})`` of
+    every archived run whose files match the sha256 its ``result.json`` recorded and whose config is
+    the run its folder names (seed, variant, the study's settings); a run folder that does not is a
+    ``ValueError`` naming it (a committed table must not rest on edited or mixed files)."""
+    if not (dest / "study.json").is_file():
+        raise ValueError(f"no archived study in {dest} (study.json missing); run the grid first")
+    try:
+        meta = json.loads((dest / "study.json").read_text())
+        missing = [k for k in ("settings", "base_config", "command") if k not in meta]  # what the results need
+        if missing:
+            raise KeyError(", ".join(missing))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{dest / 'study.json'}: cannot read it ({type(e).__name__}: {e}); restore it from git, "
+                         "or run the grid again") from None
+    try:
+        gt = json.loads(_gunzip(dest / ARCHIVE_GT))
+    except (OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{dest / ARCHIVE_GT}: cannot read the archived validation ground truth "
+                         f"({type(e).__name__}: {e}); restore it from git, or run the grid again") from None
+    results, preds = {}, {}
+    for run in _archived_run_dirs(dest):
+        variant, _, seed = run.name.rpartition("-seed")
+        result, raw = _read_archived_run(run, meta.get("settings"))
         results[(variant, int(seed))] = result
         preds[(variant, int(seed))] = json.loads(raw)
     return meta, gt, results, preds
+
+
+def _archive_is_current(run_dir: Path, dest: Path, settings: str | None) -> bool:
+    """Whether ``dest`` holds an intact copy of the finished run in ``run_dir`` (same ``result.json``)."""
+    try:
+        if (dest / RESULT).read_bytes() != (run_dir / RESULT).read_bytes():
+            return False
+        _read_archived_run(dest, settings)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def run_grid(args: argparse.Namespace, runs: list, launch=_launch,
@@ -693,7 +826,10 @@ def run_grid(args: argparse.Namespace, runs: list, launch=_launch,
     keep = getattr(args, "archive", None)
     if keep is not None:
         for variant, seed, run_dir, _ in runs:
-            if (variant, seed) in done and not (keep / f"{variant}-seed{seed}" / RESULT).is_file():
+            # archived again when the copy there is missing, damaged (an archiving cut short) or of
+            # another training of this run
+            if (variant, seed) in done and not _archive_is_current(run_dir, keep / f"{variant}-seed{seed}",
+                                                                   run_dir.parent.name):
                 archive_run(run_dir, keep / f"{variant}-seed{seed}")
     if args.analyze_only:
         return done
@@ -730,8 +866,9 @@ def run_grid(args: argparse.Namespace, runs: list, launch=_launch,
         for key, result in pool.map(one, todo):
             if result is not None:
                 done[key] = result
-    for variant, seed, run_dir, text in todo:  # finished meanwhile by another invocation
-        if (variant, seed) not in done and (result := verify_run(run_dir, text)) is not None:
+    for variant, seed, run_dir, text in todo:  # finished meanwhile by another invocation (at this code state)
+        if (variant, seed) not in done and (result := verify_run(run_dir, text)) is not None and (
+                current is None or result.get("code_state") == current):
             done[(variant, seed)] = result
     return done
 
@@ -761,7 +898,8 @@ def summarize(variants: list[str], seeds: list[int], gt, results: dict, preds: d
     complete = [v for v in variants if all((v, s) in results for s in seeds)]
     if REFERENCE not in complete:
         raise RuntimeError(f"the {REFERENCE} has unfinished runs; rerun the same command to finish the grid")
-    check_code_states({k: results[k] for k in results if k[0] in complete and k[1] in seeds})
+    used = [(v, s) for v in complete for s in seeds]  # the runs of the table, nothing else the archive keeps
+    check_code_states({k: results[k] for k in used})
     runs = {v: {s: preds[(v, s)] for s in seeds} for v in complete}
     comp = compare_runs(gt, runs, reference=REFERENCE, n_boot=n_boot, seed=0, fdr=None)
     # the false discovery rate is controlled over the table's columns only (the cells a reader
@@ -769,7 +907,7 @@ def summarize(variants: list[str], seeds: list[int], gt, results: dict, preds: d
     from visattn.evaluation.compare import benjamini_hochberg
 
     cells = {(v, m): comp["diff"][v][m]["p"] for v in complete if v != REFERENCE for m in COMPARE_COLUMNS
-             if m in comp["metrics"]}
+             if m in comp["metrics"] and comp["diff"][v][m]["p"] is not None}
     adjusted = benjamini_hochberg(cells, FDR)
     comparison = {}
     for v in complete:
@@ -781,7 +919,10 @@ def summarize(variants: list[str], seeds: list[int], gt, results: dict, preds: d
             p_adj, rejected = adjusted.get((v, m), (None, False))
             c["p_adjusted"] = p_adj
             c["significant"] = bool(rejected and c["diff"] is not None)
-            c["verdict"] = ("no evidence" if not c["significant"] else "helps" if c["diff"] > 0 else "hurts")
+            if m not in COMPARE_COLUMNS:  # outside the corrected family: no verdict (not "no evidence")
+                c["verdict"] = "not tested"
+            else:
+                c["verdict"] = ("no evidence" if not c["significant"] else "helps" if c["diff"] > 0 else "hurts")
             comparison[v][m] = c
     out = {}
     for v in complete:
@@ -799,11 +940,11 @@ def summarize(variants: list[str], seeds: list[int], gt, results: dict, preds: d
     return {"variants": out, "comparison": comparison, "missing": [v for v in variants if v not in complete],
             "num_images": comp["num_images"], "n_boot": n_boot, "confidence": comp["confidence"], "fdr": FDR,
             "fdr_cells": len(cells), "metrics": comp["metrics"], "seeds": seeds,
-            "devices": sorted({results[k]["device"] for k in results if k[0] in complete}),
-            "commits": sorted({results[k].get("git_commit", "unknown") for k in results if k[0] in complete}),
-            "code_states": sorted({results[k].get("code_state") or "unrecorded" for k in results if k[0] in complete}),
-            "versions": next((results[k].get("versions") for k in sorted(results) if k[0] in complete), None),
-            "load": _load_range([results[k] for k in results if k[0] in complete])}
+            "devices": sorted({results[k]["device"] for k in used}),
+            "commits": sorted({results[k].get("git_commit", "unknown") for k in used}),
+            "code_states": sorted({results[k].get("code_state") or "unrecorded" for k in used}),
+            "versions": next((results[k].get("versions") for k in sorted(used)), None),
+            "load": _load_range([results[k] for k in sorted(used)])}
 
 
 def _gate_range(res: list[dict]) -> list[float] | None:
@@ -1036,19 +1177,40 @@ def _shown(path: Path) -> str:
         return path.as_posix()
 
 
+def _analyze_argv(args, dest: Path) -> list[str]:
+    """The options with which ``--analyze-only`` rebuilds these files from the committed archive:
+    the variants, seeds, replicates and note when not the defaults, and where the archive is when
+    it is not the default one (``--accelerator gpu`` for ``attention-study-gpu``)."""
+    defaults = build_parser()
+    out = []
+    if args.variants != default_variants():
+        out += ["--variants", ",".join(args.variants)]
+    if args.seeds != list(range(int(defaults.get_default("seeds")))):
+        out += ["--seeds", str(len(args.seeds))]
+    if args.n_boot != int(defaults.get_default("n_boot")):
+        out += ["--n-boot", str(args.n_boot)]
+    if args.note:
+        out += ["--note", args.note]
+    out_dir = Path(args.out_dir)
+    if dest.resolve() == (out_dir / "attention-study-gpu").resolve():
+        out += ["--accelerator", "gpu"]
+    elif dest.resolve() != (out_dir / "attention-study-cpu").resolve():
+        out += ["--archive-dir", _shown(dest)]
+    return out
+
+
 def write_results(args, dest: Path) -> Path:
     """Compare the archived runs in ``dest`` and write ``attention-study-<device>.{md,json,png}``
     and ``-curves.png`` into ``args.out_dir``; the same archived runs give the same files."""
     meta_in, gt, results, preds = read_archive(dest)
     study = summarize(args.variants, args.seeds, gt, results, preds, args.n_boot)
-    device_label = "gpu" if any(results[k].get("device_type") == "cuda" for k in results) else "cpu"
+    used = [(v, s) for v in study["variants"] for s in args.seeds]
+    device_label = "gpu" if any(results[k].get("device_type") == "cuda" for k in used) else "cpu"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"attention-study-{device_label}"
     example = next((v for v in study["variants"] if v != REFERENCE), REFERENCE)
-    analyze = [] if args.n_boot == 1000 else ["--n-boot", str(args.n_boot)]
-    if dest.resolve() != (Path(args.out_dir) / f"attention-study-{device_label}").resolve():
-        analyze += ["--archive-dir", _shown(dest)]
+    analyze = _analyze_argv(args, dest)
     meta = {"device_label": device_label, "note": args.note, "settings": _settings_line(meta_in["base_config"]),
             "train_min": sum(sum(r["wall_s"]) for r in study["variants"].values()) / 60,
             "command": meta_in["command"], "analyze_args": shlex.join(analyze) or "",

@@ -232,3 +232,44 @@ def test_build_detector_attention_gate():
     assert all(b.gate is None for b in seg.modules() if isinstance(b, Blend))
     with pytest.raises(ValueError, match="attention_gate"):
         build_detector("fcos", backbone="resnet10t", num_classes=3, attention="se", attention_gate="half")
+
+
+# -- review fixes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gate", ["zero", "none"])
+def test_plugged_blocks_take_the_models_mode(gate):
+    # a block plugged into a model in eval mode is in eval mode too: its batch norms use (and do not
+    # update) their running statistics, so inference does not depend on the batch
+    model = _tv().eval()
+    names = visattn.plug(model, "coord", stages=[4], gate=gate)
+    attn = model.get_submodule(names[0])
+    assert not any(m.training for m in attn.modules())
+    stats = [m.running_mean.clone() for m in attn.modules() if isinstance(m, nn.BatchNorm2d)]
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        both = model(x)
+        one = model(x[:1])
+    assert stats and all(torch.equal(a, m.running_mean) for a, m in
+                         zip(stats, (m for m in attn.modules() if isinstance(m, nn.BatchNorm2d)), strict=True))
+    torch.testing.assert_close(both[:1], one)
+    # in training mode they train
+    train = _tv().train()
+    names = visattn.plug(train, "coord", stages=[4], gate=gate)
+    assert all(m.training for m in train.get_submodule(names[0]).modules())
+    # replace=True keeps the mode too
+    model.eval()
+    names = visattn.plug(model, "cbam", stages=[4], gate=gate, replace=True)
+    assert not any(m.training for m in model.get_submodule(names[0]).modules())
+    # a norm kept in eval mode while the model trains (frozen statistics) does not freeze the block
+    frozen = _tv().train()
+    frozen.layer4[0].bn2.eval()
+    names = visattn.plug(frozen, "coord", stages=[4], gate="none")
+    assert all(m.training for m in frozen.get_submodule(names[0]).modules())
+
+
+def test_blend_checks_its_block():
+    with pytest.raises(TypeError, match="Blend: block must be a torch.nn.Module"):
+        Blend("se")
+    with pytest.raises(ValueError, match="gate"):
+        Blend(nn.Identity(), gate="one")

@@ -240,8 +240,9 @@ def test_variant_order_and_overrides(tmp_path):
     assert other[1] != root
 
 
-def _fake_launch(gt: dict, calls: list, fail: set = frozenset()):
-    """Stands in for training: writes what a run writes (better predictions for non-baselines)."""
+def _fake_launch(gt: dict, calls: list, fail: set = frozenset(), **extra):
+    """Stands in for training: writes what a run writes (better predictions for non-baselines);
+    ``extra`` goes into its result.json."""
     def launch(run_dir: Path, threads: int):
         variant, seed = run_dir.name.rsplit("-seed", 1)
         calls.append(run_dir.name)
@@ -255,7 +256,8 @@ def _fake_launch(gt: dict, calls: list, fail: set = frozenset()):
                for n in ("study-config.yaml", "predictions.json", "report/report.json")}
         (run_dir / "result.json").write_text(json.dumps({"params": 1000 + len(variant), "train_images": 10,
                                                          "train_seconds": 2.0, "train_images_per_s": 5.0,
-                                                         "wall_s": 3.0, "device": "cpu", "sha256": sha}))
+                                                         "wall_s": 3.0, "device": "cpu", "sha256": sha,
+                                                         "settings": run_dir.parent.name, **extra}))
         return 0, 0.1
     return launch
 
@@ -434,3 +436,249 @@ def test_real_tiny_grid_end_to_end(tmp_path, monkeypatch):
     mtime = (run / "result.json").stat().st_mtime
     assert study.main(argv) == 0  # resumed: nothing retrained
     assert (run / "result.json").stat().st_mtime == mtime
+
+
+# -- review fixes ---------------------------------------------------------------------------------
+
+
+def test_bootstrap_p_and_benjamini_hochberg_check_their_arguments():
+    with pytest.raises(ValueError, match=r"diffs\[1\]"):
+        bootstrap_p([0.1, float("nan")])  # a NaN counted on neither side looked like evidence
+    with pytest.raises(TypeError, match="diffs"):
+        bootstrap_p("0.1")
+    with pytest.raises(TypeError, match="diffs"):
+        bootstrap_p(None)
+    with pytest.raises(TypeError, match="p_values"):
+        benjamini_hochberg([0.1, 0.2])
+    with pytest.raises(ValueError, match=r"p_values\['a'\]"):
+        benjamini_hochberg({"a": 1.5})
+    with pytest.raises(ValueError, match=r"p_values\['b'\]"):
+        benjamini_hochberg({"a": 0.1, "b": float("nan")})
+    with pytest.raises(TypeError, match=r"p_values\['a'\]"):
+        benjamini_hochberg({"a": "0.1"})
+
+
+def _grid(tmp_path, gt, gt_path, argv, **extra):
+    args = study.parse_args(argv)
+    base, _, runs = study.plan(args)
+    dest = study.archive_dir(args)
+    study.archive_study(dest, base, str(gt_path), argv)
+    args.archive = dest
+    study.run_grid(args, runs, launch=_fake_launch(gt, [], **extra))
+    return args, runs, dest
+
+
+def test_one_archive_holds_one_settings(tmp_path, gt, gt_path):
+    args, runs, _done, dest = _archived_grid(tmp_path, gt, gt_path)
+    # a grid of other settings into the same archive is refused, naming the runs kept there
+    argv = ["--variants", "baseline", "--seeds", "1", "--max-epochs", "2", "--work-dir", str(tmp_path / "w"),
+            "--out-dir", str(tmp_path / "out")]
+    other = study.parse_args(argv)
+    base, _, _ = study.plan(other)
+    with pytest.raises(ValueError, match=r"(?s)settings.*baseline-seed0.*--archive-dir"):
+        study.archive_study(dest, base, str(gt_path), argv)
+    assert json.loads((dest / "study.json").read_text())["settings"] == runs[0][2].parent.name  # untouched
+    # a run of other settings in the archive (copied by hand, left from an older grid) is refused
+    r = json.loads((dest / "se-seed1" / "result.json").read_text())
+    (dest / "se-seed1" / "result.json").write_text(json.dumps({**r, "settings": "0123456789"}))
+    with pytest.raises(ValueError, match=r"se-seed1.*settings 0123456789"):
+        study.write_results(args, dest)
+    (dest / "se-seed1" / "result.json").write_text(json.dumps(r))
+    # a folder whose config is another seed's or another variant's is refused
+    import shutil
+
+    shutil.copytree(dest / "se-seed0", dest / "se-seed7")
+    with pytest.raises(ValueError, match=r"se-seed7.*seed_everything 0"):
+        study.write_results(args, dest)
+    shutil.rmtree(dest / "se-seed7")
+    shutil.copytree(dest / "se-seed0", dest / "cbam-seed0")
+    with pytest.raises(ValueError, match=r"cbam-seed0: not the run its folder names"):
+        study.write_results(args, dest)
+    shutil.rmtree(dest / "cbam-seed0")
+    study.write_results(args, dest)
+
+
+def test_archived_copy_is_replaced_whole_and_repaired(tmp_path, gt, gt_path, monkeypatch):
+    args, runs, _done, dest = _archived_grid(tmp_path, gt, gt_path)
+    dirs = {d.name: d for _, _, d, _ in runs}
+    # a crash while re-archiving left new predictions beside the old result.json: the next
+    # invocation of the grid puts the archived copy right (it did not: the run was "archived")
+    (dest / "se-seed0" / "predictions.json.gz").write_bytes(study._gz_bytes(b"[]"))
+    calls: list = []
+    study.run_grid(args, runs, launch=_fake_launch(gt, calls))
+    assert calls == []
+    study.write_results(args, dest)
+    # a retrained run replaces its archived copy whole: nothing of the old copy is left
+    (dest / "se-seed0" / "stray.txt").write_text("old")
+    (dirs["se-seed0"] / "result.json").unlink()
+    study.run_grid(args, runs, launch=_fake_launch(gt, calls))
+    assert calls == ["se-seed0"] and not (dest / "se-seed0" / "stray.txt").exists()
+    assert (dest / "se-seed0" / "result.json").read_bytes() == (dirs["se-seed0"] / "result.json").read_bytes()
+    # an archiving that fails half way leaves the archived copy as it was, and no temporary folder
+    before = {p.name: p.read_bytes() for p in (dest / "se-seed0").iterdir()}
+
+    def boom(data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(study, "_gz_bytes", boom)
+    with pytest.raises(OSError, match="disk full"):
+        study.archive_run(dirs["se-seed0"], dest / "se-seed0")
+    assert {p.name: p.read_bytes() for p in (dest / "se-seed0").iterdir()} == before
+    assert sorted(p.name for p in dest.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("damage", ["no predictions", "bad gzip", "no sha256", "bad json", "no report", "no gt",
+                                    "bad study.json"])
+def test_damaged_archive_is_a_named_error(tmp_path, gt, gt_path, damage):
+    args, _runs, _done, dest = _archived_grid(tmp_path, gt, gt_path)
+    run = dest / "se-seed0"
+    if damage == "no predictions":
+        (run / "predictions.json.gz").unlink()
+    elif damage == "bad gzip":
+        (run / "predictions.json.gz").write_bytes(b"not gzip")
+    elif damage == "no sha256":
+        r = json.loads((run / "result.json").read_text())
+        del r["sha256"]
+        (run / "result.json").write_text(json.dumps(r))
+    elif damage == "bad json":
+        (run / "result.json").write_text("{")
+    elif damage == "no report":
+        (run / "report-report.json").unlink()
+    elif damage == "no gt":
+        (dest / "val-gt.json.gz").unlink()
+        run = dest
+    else:
+        (dest / "study.json").write_text("{")
+        run = dest
+    with pytest.raises(ValueError, match=str(run)):
+        study.write_results(args, dest)
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_the_printed_analyze_command_rebuilds_the_files(tmp_path, gt, gt_path, gpu):
+    import re
+    import shlex
+    import shutil
+
+    out = tmp_path / "out"
+    argv = ["--variants", "baseline,se", "--seeds", "2", "--max-epochs", "1", "--work-dir", str(tmp_path / "w"),
+            "--out-dir", str(out), "--n-boot", "200", "--note", "a note"] + (["--accelerator", "gpu"] if gpu else [])
+    args, _runs, dest = _grid(tmp_path, gt, gt_path, argv, **({"device_type": "cuda"} if gpu else {}))
+    md = study.write_results(args, dest)
+    label = "gpu" if gpu else "cpu"
+    assert md.name == f"attention-study-{label}.md"
+    files = {p.name: p.read_bytes() for p in out.glob(f"attention-study-{label}*") if p.is_file()}
+    cmd = re.search(r"this file again from the committed runs: `([^`]*)`", md.read_text()).group(1)
+    parts = shlex.split(cmd)
+    assert parts[:2] == ["python", "benchmarks/attention_study.py"] and "--analyze-only" in parts
+    shutil.rmtree(tmp_path / "w")
+    for p in out.glob(f"attention-study-{label}*"):
+        if p.is_file():
+            p.unlink()
+    assert study.main([*parts[2:], "--out-dir", str(out)]) == 0
+    assert {p.name: p.read_bytes() for p in out.glob(f"attention-study-{label}*") if p.is_file()} == files
+
+
+def test_table_header_counts_only_the_analysed_runs(tmp_path, gt, gt_path):
+    args, _runs, _done, dest = _archived_grid(tmp_path, gt, gt_path, seeds="3")
+    r = json.loads((dest / "baseline-seed2" / "result.json").read_text())
+    r.update(git_commit="feedface", device="other-machine", device_type="cuda", load_start=99.0)
+    (dest / "baseline-seed2" / "result.json").write_text(json.dumps(r))
+    args.seeds = [0, 1]
+    md = study.write_results(args, dest)
+    text = md.read_text()
+    assert md.name == "attention-study-cpu.md"
+    assert "feedface" not in text and "other-machine" not in text and "99.00" not in text
+
+
+def test_json_verdicts_only_for_the_cells_the_correction_covers(tmp_path, gt, gt_path):
+    args, _runs, _done, dest = _archived_grid(tmp_path, gt, gt_path)
+    data = json.loads(study.write_results(args, dest).with_suffix(".json").read_text())
+    se = data["comparison"]["se"]
+    assert "AP50" in se and "AP50" not in study.COMPARE_COLUMNS
+    assert se["AP50"]["p"] is not None and se["AP50"]["p_adjusted"] is None
+    assert se["AP50"]["verdict"] == "not tested" and not se["AP50"]["significant"]
+    tested = [m for m in study.COMPARE_COLUMNS if m in se and se[m]["p"] is not None]
+    assert data["fdr_cells"] == len(tested)
+    # the BH family as summarize states it: recomputing it from the p-values gives the same verdicts
+    again = benjamini_hochberg({m: se[m]["p"] for m in tested}, data["fdr"])
+    for m in tested:
+        assert se[m]["p_adjusted"] == pytest.approx(again[m][0]) and se[m]["significant"] == again[m][1]
+
+
+def test_fdr_family_counts_only_cells_with_a_p_value(tmp_path):
+    root = generate_synthetic(tmp_path, num_images=6, image_size=64, seed=5)
+    gt_data = json.loads((root / "annotations" / "instances.json").read_text())
+    runs = {"baseline": {0: _weak(gt_data, 0), 1: _weak(gt_data, 1)},
+            "se": {0: _strong(gt_data, 0), 1: _strong(gt_data, 1)}}
+    res = {(v, s): {"params": 1, "wall_s": 1.0, "train_images_per_s": 1.0, "device": "cpu"} for v in runs for s in (0, 1)}
+    preds = {(v, s): runs[v][s] for v in runs for s in (0, 1)}
+    out = study.summarize(["baseline", "se"], [0, 1], gt_data, res, preds, n_boot=50)
+    se = out["comparison"]["se"]
+    assert [m for m in study.COMPARE_COLUMNS if m in se and se[m]["p"] is None]  # a bin without ground truth
+    assert out["fdr_cells"] == sum(1 for m in study.COMPARE_COLUMNS if m in se and se[m]["p"] is not None)
+
+
+def test_stale_run_left_to_another_invocation_is_not_counted_finished(tmp_path, gt, gt_path):
+    args, runs, _done, _dest = _archived_grid(tmp_path, gt, gt_path)
+    for _, _, run_dir, _ in runs:
+        r = json.loads((run_dir / "result.json").read_text())
+        (run_dir / "result.json").write_text(json.dumps({**r, "code_state": "old"}))
+    (runs[0][2] / "owner.pid").write_text(str(os.getppid()))  # another live invocation has it
+    args.redo_stale = True
+    calls: list = []
+    done = study.run_grid(args, runs, launch=_fake_launch(gt, calls), current="new")
+    assert (runs[0][0], runs[0][1]) not in done and len(calls) == 3
+    assert all(r.get("code_state") != "old" for r in done.values())
+
+
+def test_code_state_covers_the_data_libraries():
+    versions = study.code_state()["versions"]
+    # the synthetic images are drawn with Pillow, their masks and areas by pycocotools, the
+    # training augmentation is albumentations (on albucore / OpenCV)
+    assert {"pillow", "pycocotools", "albumentations", "albucore", "opencv-python-headless"} <= set(versions)
+
+
+def test_identity_check_reads_the_variant_from_the_config(tmp_path, gt, gt_path):
+    import yaml
+
+    _args, _runs, _done, dest = _archived_grid(tmp_path, gt, gt_path)
+    cfg = yaml.safe_load((dest / "se-seed0" / "study-config.yaml").read_text())
+    del cfg["trainer"]["default_root_dir"]  # the variant's model arguments alone tell
+    assert study._identity_problem(dest / "se-seed0", cfg, {}, None) is None
+    assert "attention='se'" in study._identity_problem(dest / "cbam-seed0", cfg, {}, None)
+    assert "attention='se'" in study._identity_problem(dest / "baseline-seed0", cfg, {}, None)
+    assert "seed_everything 0" in study._identity_problem(dest / "se-seed1", cfg, {}, None)
+
+
+def test_public_command_drops_local_paths_however_spelled():
+    argv = ["--variants", "baseline,se", "--work-d", "/home/me/w", "--out-dir=/tmp/o", "--archive", "/x",
+            "--time-b", "100", "--note", "--work-dir is a word here", "--seeds", "2"]
+    assert study._public_argv(argv) == ["--variants", "baseline,se", "--note", "--work-dir is a word here",
+                                        "--seeds", "2"]
+
+
+def test_empty_archive_dir_is_refused():
+    with pytest.raises(ValueError, match="--archive-dir"):
+        study.parse_args(["--archive-dir", " "])
+
+
+def test_a_run_whose_code_changed_while_it_trained_is_not_kept(tmp_path, monkeypatch):
+    import visattn.lit.cli as cli_mod
+
+    run_dir = tmp_path / "abc" / "baseline-seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "study-config.yaml").write_text("seed_everything: 0\n")
+    states = iter([{"code_state": "before", "versions": {}}, {"code_state": "after", "versions": {}}])
+    monkeypatch.setattr(study, "code_state", lambda root=None: next(states))
+    monkeypatch.setattr(study, "git_commit", lambda root=None: "abc")
+
+    class FakeCLI:
+        def __init__(self, *a, **k):
+            pass
+
+    monkeypatch.setattr(cli_mod, "VisattnCLI", FakeCLI)
+    monkeypatch.setattr(study.sys, "argv", ["x"])
+    with pytest.raises(RuntimeError, match="code state changed while the run trained"):
+        study.train_one(run_dir, 1)
+    assert not (run_dir / "result.json").exists()

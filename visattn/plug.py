@@ -64,6 +64,8 @@ class Blend(nn.Module):
 
     def __init__(self, block: nn.Module, *, gate: str = "zero", device=None, dtype=None) -> None:
         super().__init__()
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"Blend: block must be a torch.nn.Module, got {type(block).__name__}")
         check_gate(gate, "Blend")
         self.block = block
         if gate == "zero":
@@ -303,7 +305,8 @@ def find_residual_blocks(model: nn.Module) -> list[tuple[str, str, str, int]]:
 # plug
 
 
-def _make(block: BlockSpec, channels: int, ref: nn.Module, block_kwargs: dict, gate: str) -> Blend:
+def _make(block: BlockSpec, channels: int, ref: nn.Module, block_kwargs: dict, gate: str,
+          training: bool = True) -> Blend:
     p = next(ref.parameters(), None)
     dd = {} if p is None else {"device": p.device, "dtype": p.dtype}
     if isinstance(block, str):
@@ -313,7 +316,9 @@ def _make(block: BlockSpec, channels: int, ref: nn.Module, block_kwargs: dict, g
         if not isinstance(attn, nn.Module):
             raise TypeError(f"plug: block factory returned {type(attn).__name__}, not an nn.Module")
         attn = attn.to(**dd)
-    return Blend(attn, gate=gate, **dd)
+    # the new block takes the mode of the place it goes into: plugged into a model in eval mode,
+    # its batch norms use their running statistics (and leave them alone), as the model's do
+    return Blend(attn, gate=gate, **dd).train(training)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -442,7 +447,11 @@ def plug(model: nn.Module, block: BlockSpec, *, stages: int | Sequence[int] | No
         if channels is None:
             raise ValueError(f"plug: cannot tell the output channels of {name} "
                              f"({type(module).__name__}) from its graph or from a forward pass")
-        new_blocks[name] = _make(block, channels, module, block_kwargs, gate)
+        # the mode of the module holding the place (the residual block, or the stage's parent), not
+        # of the place itself: a frozen norm ending the branch may be kept in eval while training
+        parent = name.rpartition(".")[0]
+        holder = model.get_submodule(parent) if parent else model
+        new_blocks[name] = _make(block, channels, module, block_kwargs, gate, holder.training)
 
     inserted = []
     for name, blend in new_blocks.items():

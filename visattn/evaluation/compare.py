@@ -238,9 +238,9 @@ def bootstrap_p(diffs: list[float]) -> float | None:
     """Two-sided bootstrap p-value of "the difference is 0": twice the smaller tail of the replicate
     differences on either side of 0, counting a replicate at exactly 0 on both sides, with the +1
     of a Monte-Carlo p-value so it is never 0 (``None`` without replicates)."""
-    if not diffs:
+    d = _finite_values("bootstrap_p", "diffs", diffs)
+    if not len(d):
         return None
-    d = np.asarray(diffs)
     tail = min(int(np.count_nonzero(d <= 0)), int(np.count_nonzero(d >= 0)))
     return float(min(1.0, 2 * (tail + 1) / (len(d) + 1)))
 
@@ -249,6 +249,12 @@ def benjamini_hochberg(p_values: dict, q: float = 0.05) -> dict:
     """Benjamini-Hochberg step-up procedure over ``{key: p}`` (``None`` entries are left out):
     ``{key: (adjusted p, rejected)}`` with the false discovery rate controlled at ``q``."""
     check_real("q", q, 0.0, 1.0, lo_open=True, hi_open=True)
+    if not isinstance(p_values, dict):
+        raise TypeError(f"benjamini_hochberg: p_values must be a dict {{key: p-value or None}}, got "
+                        f"{type(p_values).__name__}")
+    for k, p in p_values.items():
+        if p is not None:
+            check_real(f"benjamini_hochberg: p_values[{k!r}]", p, 0.0, 1.0)
     keys = sorted((k for k, p in p_values.items() if p is not None), key=lambda k: (p_values[k], str(k)))
     m = len(keys)
     adjusted: dict = {}
@@ -258,6 +264,20 @@ def benjamini_hochberg(p_values: dict, q: float = 0.05) -> dict:
         running = min(running, p_values[k] * m / rank)
         adjusted[k] = running
     return {k: (adjusted[k], adjusted[k] <= q) for k in keys}
+
+
+def _finite_values(caller: str, name: str, values) -> np.ndarray:
+    """``values`` (a sequence of real numbers) as a float array, else an error naming ``name[i]``."""
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+        raise TypeError(f"{caller}: {name} must be a sequence of real numbers, got {type(values).__name__}")
+    out = np.empty(len(values))
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{caller}: {name}[{i}] must be a real number, got {type(v).__name__} {v!r:.40}")
+        if not np.isfinite(v):
+            raise ValueError(f"{caller}: {name}[{i}] must be finite, got {v!r}")
+        out[i] = v
+    return out
 
 
 def verdict(low: float | None, high: float | None) -> str:
