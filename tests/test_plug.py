@@ -232,6 +232,8 @@ def test_build_detector_attention_gate():
     assert all(b.gate is None for b in seg.modules() if isinstance(b, Blend))
     with pytest.raises(ValueError, match="attention_gate"):
         build_detector("fcos", backbone="resnet10t", num_classes=3, attention="se", attention_gate="half")
+    with pytest.raises(ValueError, match="attention_gate='none' given without attention"):
+        build_detector("fcos", backbone="resnet10t", num_classes=3, attention_gate="none")
 
 
 # -- review fixes -----------------------------------------------------------------------------------

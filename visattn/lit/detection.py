@@ -480,6 +480,8 @@ class DetectionModule(CheckedModule):
             unchanged (train on crops with ``data.init_args.crop_size``).
         eval_fp32: validate, test and predict with autocast off, in float32, when the trainer
             trains under mixed precision (``precision: bf16-mixed`` / ``16-mixed``; default on).
+            Under ``bf16-true`` / ``16-true`` the weights themselves are half precision and there is
+            no autocast to turn off: use a mixed precision where boxes matter.
             Under bf16 autocast the heads' outputs, and so the decoded boxes, are bfloat16: 8 bits
             of mantissa round a coordinate near 200 px to 1 px, a large error for a 6 px object.
             Off: evaluate under the trainer's autocast (faster, boxes rounded).
@@ -600,7 +602,8 @@ class DetectionModule(CheckedModule):
     def _results(self, batch) -> dict[int, list[dict]]:
         """``{image_id: COCO results}`` for one batch, in the dataset's pixels and category ids."""
         images, targets = batch
-        device = images[0].device.type if len(images) else "cpu"
+        param = next(self.model.parameters(), None)  # autocast is per device: the model's decides
+        device = param.device.type if param is not None else (images[0].device.type if len(images) else "cpu")
         if self.hparams.get("eval_fp32", True) and torch.is_autocast_enabled(device):
             with torch.autocast(device_type=device, enabled=False):
                 outputs = predict_images(self.model, images, self.slicing)

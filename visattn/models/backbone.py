@@ -162,6 +162,8 @@ def build_body(backbone: str, *, levels: Sequence[int] | None = None, last: int 
     _check_body_args(levels, last, pretrained, output_stride, frozen_bn, attention, attention_kwargs,
                      attention_stages)
     check_gate(attention_gate, "attention_gate")
+    if attention is None and attention_gate != "zero":
+        raise ValueError(f"attention_gate={attention_gate!r} given without attention; it would be ignored")
     lib, model = resolve_backbone(backbone)
     frozen_bn = pretrained if frozen_bn is None else frozen_bn
     features, channels, strides = _all_levels(lib, model, pretrained, output_stride, frozen_bn)
