@@ -112,8 +112,8 @@ def test_a_seam_cut_box_is_reported_once(per_source, want, merge, match):
         results.append((boxes_of(out), out["scores"].tolist()))
         if want is not None:  # tied scores: the whole view wins
             assert boxes_of(out) == [want]
-        elif merge != "nms":  # merged: the union is the whole object
-            assert boxes_of(out) == [WHOLE]
+        else:  # the cut view scores higher: still the whole object (nms: the whole view at the cut's score)
+            assert boxes_of(out) == [WHOLE] and out["scores"].tolist() == [pytest.approx(0.9)]
     assert results[0] == results[1]
 
 

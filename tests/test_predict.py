@@ -146,7 +146,8 @@ def test_nms_hand_computed():
                      ((180, 120, 200, 140), 0.7, 2),
                      ((20, 20, 60, 60), 0.95, 3), ((45, 30, 65, 50), 0.5, 3),  # C: IoU 0.18, kept
                      ((160, 20, 200, 60), 0.9, 4), ((185, 30, 205, 50), 0.6, 4)}
-    assert as_set(run("nms", "iou", True)) == plain
+    # occlusion safe: the surviving cut half hands its place to tile 1's whole view, at its score
+    assert as_set(run("nms", "iou", True)) == plain - {((240, 50, 256, 80), 0.9, 1)} | {((240, 50, 270, 80), 0.9, 1)}
     # IoS: C's pair matches (0.75): plain NMS drops Q, the occlusion-safe rule keeps it
     assert ((45, 30, 65, 50), 0.5, 3) not in as_set(run("nms", "ios", False))
     assert ((45, 30, 65, 50), 0.5, 3) in as_set(run("nms", "ios", True))

@@ -303,6 +303,10 @@ def _groups_transitive(m: np.ndarray, ok: np.ndarray | None, src: np.ndarray | N
     return groups
 
 
+def _area(b: list[float]) -> float:
+    return max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
+
+
 def _pair_match(a: list[float], b: list[float], match: str, cut_a: bool = False, cut_b: bool = False) -> float:
     """IoU or IoS of two xyxy boxes (plain floats; 0 for empty boxes), or, where it is larger, the
     intersection over the area of a box cut by a seam (``cut_a`` / ``cut_b``: see :func:`_containment`)."""
@@ -338,8 +342,11 @@ def merge_predictions(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.T
 
     Returns:
         ``[(keeper, merged), ...]``: the index of each output box's keeper and the indices merged
-        into it (in merge order; empty for ``"nms"``), by descending score of the keeper. The output
-        box is the union of the keeper and ``merged``, its score the highest of them. The result
+        into it (in merge order), by descending score of the keeper. The output box is the union
+        of the keeper and ``merged``, its score the highest of them. For ``"nms"`` the output box
+        is the keeper's own (``merged`` is empty, except where an occlusion-safe keeper cut by a
+        seam handed its place to a whole view it matched: then ``merged`` holds the cut box, whose
+        score the output keeps). The result
         does not depend on the order of the input (up to exact duplicates).
 
     Non-finite boxes or scores and inverted boxes (``x2 < x1`` or ``y2 < y1``) are a ``ValueError``.
@@ -396,7 +403,16 @@ def merge_predictions(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.T
         rows = b.tolist()
         for keep, members in grouping(m, ok, src, threshold).items():
             if merge == "nms":
-                out.append((int(idx_np[keep]), []))
+                # occlusion safe: a keeper cut by a seam hands its place to the most complete
+                # whole view it suppressed (the object is reported whole, at the group's best score)
+                whole = [] if cut is None or not cut[idx_np[keep]] else [
+                    j for j in members if not cut[idx_np[j]] and _pair_match(rows[j], rows[keep], match, False, True)
+                    >= threshold]
+                if whole:
+                    best = max(whole, key=lambda j: (_area(rows[j]), -j))  # largest; then the higher ranked
+                    out.append((int(idx_np[best]), [int(idx_np[keep])]))
+                else:
+                    out.append((int(idx_np[keep]), []))
                 continue
             # SAHI: merge one by one while each still matches the growing box. Occlusion safe: only
             # a view cut by a seam grows the box; a second whole view of the object is absorbed
@@ -743,8 +759,9 @@ def _sliced(detector: Callable, image: torch.Tensor, cfg: SlicingConfig, name: s
     out_boxes, out_scores = [], []
     for k, merged in groups:
         members = [k, *merged]
-        out_boxes.append([min(rows[i][0] for i in members), min(rows[i][1] for i in members),
-                          max(rows[i][2] for i in members), max(rows[i][3] for i in members)])
+        box_members = [k] if cfg.merge == "nms" else members  # nms: the keeper's box (a whole view)
+        out_boxes.append([min(rows[i][0] for i in box_members), min(rows[i][1] for i in box_members),
+                          max(rows[i][2] for i in box_members), max(rows[i][3] for i in box_members)])
         out_scores.append(max(score_list[i] for i in members))
     result = {"boxes": torch.tensor(out_boxes, dtype=torch.float32).reshape(-1, 4),
               "scores": torch.tensor(out_scores, dtype=torch.float32),
@@ -752,7 +769,7 @@ def _sliced(detector: Callable, image: torch.Tensor, cfg: SlicingConfig, name: s
     if has_masks:
         full = torch.zeros((len(groups), 1, height, width))
         for r, (k, merged) in enumerate(groups):
-            for i in (k, *merged):
+            for i in ((k,) if cfg.merge == "nms" else (k, *merged)):
                 s, dy, dx, m = masks[i]
                 x0, y0, x1, y1 = sources_xyxy[s]
                 y0, x0 = y0 + dy, x0 + dx  # the window's place in the image, cut to the source
