@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "read_json"]
 
 
 @contextlib.contextmanager
@@ -72,3 +72,15 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> Path:
     """Serialise ``obj`` with :func:`json.dumps` and write it atomically; returns ``path``."""
     return atomic_write_text(path, json.dumps(obj, **dumps_kwargs))
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The parsed JSON file ``path``: a missing file is a ``FileNotFoundError`` ("``what`` not
+    found: path"), a file that is not valid JSON (or not UTF-8) a ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None

@@ -882,33 +882,6 @@ def _num_classes(detector) -> int | None:
     return None
 
 
-def _read_upright(path) -> np.ndarray:
-    """``(H, W, 3)`` pixels of an image file that has no ground-truth entry, turned the way its EXIF
-    orientation says (as a viewer shows it: ``PIL.ImageOps.exif_transpose``, which the data module's
-    :func:`~visattn.data.images.orient_image` also applies) and decoded in their real range
-    (:func:`~visattn.data.images.decode_image`). An unreadable EXIF block orients nothing, as in
-    the data module. A missing or unreadable file is an error naming it."""
-    from PIL import Image, ImageOps
-
-    from .data.images import decode_image
-
-    try:
-        with Image.open(path) as im:
-            try:
-                upright = ImageOps.exif_transpose(im)
-            except (ValueError, TypeError, OSError):
-                upright = im
-            return decode_image(upright, name=str(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    except Image.DecompressionBombError as e:
-        raise OSError(f"cannot read image {path}: {e}") from None
-    except OSError as e:
-        if str(path) in str(e):
-            raise
-        raise OSError(f"cannot read image {path}: {e}") from None
-
-
 @torch.no_grad()
 def predict_folder(detector: Callable, images, *, slicing: SlicingConfig | dict | None = None, gt=None,
                    score_threshold: float = 0.0, on_image: Callable | None = None) -> list[dict]:
@@ -940,7 +913,7 @@ def predict_folder(detector: Callable, images, *, slicing: SlicingConfig | dict 
 
     from ._checks import check_pathlike
     from .data.coco import CategoryMap, load_coco
-    from .data.images import read_image, resolve_image
+    from .data.images import read_image, read_upright, resolve_image
     from .lit.detection import to_coco_results
 
     _check_detector(detector)
@@ -976,7 +949,7 @@ def predict_folder(detector: Callable, images, *, slicing: SlicingConfig | dict 
     for image_id, path, info in entries:
         name = f"{path} (image id {image_id})" if info is not None else str(path)
         if info is None:
-            pixels = _read_upright(path)
+            pixels = read_upright(path)  # no ground truth: as a viewer shows it (EXIF)
         else:
             pixels = read_image(path, width=info.get("width"), height=info.get("height"), image_id=image_id)
         tensor = _as_image(pixels if pixels.dtype == np.uint8 else pixels.astype(np.float32), name, dtype)

@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 
 from .._checks import check_int, check_pathlike
 
-__all__ = ["decode_image", "orient_image", "read_image", "resolve_image"]
+__all__ = ["decode_image", "orient_image", "read_image", "read_upright", "resolve_image"]
 
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees (width <-> height)
@@ -167,9 +167,29 @@ def read_image(path: str | os.PathLike, *, width: int | None = None, height: int
     check_int("width", width, minimum=1, optional=True)
     check_int("height", height, minimum=1, optional=True)
     path = Path(path)
+    return _read(path, lambda im: orient_image(im, width, height, image_id=image_id, path=path))
+
+
+def read_upright(path: str | os.PathLike) -> np.ndarray:
+    """Open and decode an image file that has no annotations, turned the way its EXIF orientation
+    says, as a viewer shows it (``PIL.ImageOps.exif_transpose``; an unreadable EXIF block orients
+    nothing). Errors as :func:`read_image`'s."""
+    check_pathlike("path", path)
+
+    def upright(im: Image.Image) -> Image.Image:
+        try:
+            return ImageOps.exif_transpose(im)
+        except (ValueError, TypeError, OSError):
+            return im
+
+    return _read(Path(path), upright)
+
+
+def _read(path: Path, orient) -> np.ndarray:
+    """``decode_image(orient(PIL image))`` of ``path``, with errors naming the file."""
     try:
         with Image.open(path) as im:
-            return decode_image(orient_image(im, width, height, image_id=image_id, path=path), name=str(path))
+            return decode_image(orient(im), name=str(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
     except Image.DecompressionBombError as e:

@@ -8,7 +8,6 @@ after a training epoch. Imports neither torch nor Lightning.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .._checks import is_int, is_real
+from .._io import read_json
 from .._rle import rle_problem
 
 __all__ = ["IOU_TYPES", "check_gt", "read_gt"]
@@ -148,12 +148,6 @@ def check_gt(data, source: str, *, iou_type: str | None = None, name_ids: bool =
 def read_gt(path: str | os.PathLike, *, iou_type: str | None = None) -> dict:
     """Read a COCO instances JSON file and :func:`check_gt` it; errors name the file (and the entry).
     ``FileNotFoundError`` when there is no such file, ``ValueError`` when it is not valid JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"COCO annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    check_gt(data, str(path), iou_type=iou_type)
+    data = read_json(path, "COCO annotation file")
+    check_gt(data, str(Path(path)), iou_type=iou_type)
     return data

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import math
 import os
 import warnings
@@ -20,6 +19,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from .._checks import check_bool, check_choice, check_real, is_int, is_real
+from .._io import read_json
 from .._rle import rle_problem
 from ..data.validate import IOU_TYPES, check_gt, read_gt
 
@@ -112,12 +112,7 @@ def load_predictions(predictions) -> list[dict]:
     functions that use them, against the ground truth)."""
     if isinstance(predictions, str | os.PathLike):
         path = Path(predictions)
-        if not path.is_file():
-            raise FileNotFoundError(f"predictions file not found: {path}")
-        try:
-            predictions = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        predictions = read_json(path, "predictions file")
         if not isinstance(predictions, list):
             # the file's content is wrong, not the argument's type
             raise ValueError(f"{path}: must hold a list of COCO result dicts, got {type(predictions).__name__}")  # noqa: TRY004
